@@ -1,0 +1,1 @@
+"""Pallas kernels (GPU and TPU), each beside its plain-XLA reference. Imports only JAX."""
