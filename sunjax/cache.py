@@ -21,7 +21,7 @@ from jaxtyping import Array, Int
 class KVCache:
     k: tuple[jax.Array, ...]  # L x [B, S, K, H]
     v: tuple[jax.Array, ...]  # L x [B, S, K, H]
-    lengths: Int[Array, "B"]  # valid positions per slot
+    lengths: Int[Array, " B"]  # valid positions per slot
 
     @classmethod
     def create(cls, cfg, batch: int, max_len: int, dtype: str) -> KVCache:

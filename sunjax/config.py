@@ -171,7 +171,7 @@ class ModelConfig:
 
 
 def _hf_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    """RoPE settings from either transformers v4 (rope_theta/rope_scaling) or v5 (rope_parameters)."""
+    """RoPE settings from transformers v4 (rope_theta, rope_scaling) or v5 (rope_parameters)."""
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))

@@ -96,7 +96,7 @@ def apply_rope(x: Float[Array, "B T n H"], positions: Int[Array, "B T"], inv_fre
 
 
 def write_cache(
-    buf: Float[Array, "B S K H"], new: Float[Array, "B T K H"], start: Int[Array, "B"]
+    buf: Float[Array, "B S K H"], new: Float[Array, "B T K H"], start: Int[Array, " B"]
 ) -> Float[Array, "B S K H"]:
     """Write ``new`` at positions ``start[b] ...`` of each sequence (in place when donated)."""
     put = lambda b, n, s: jax.lax.dynamic_update_slice(b, n.astype(b.dtype), (s, 0, 0))
@@ -293,7 +293,7 @@ def prefill(
     cfg: ModelConfig,
     params,
     tokens: Int[Array, "B T"],
-    lengths: Int[Array, "B"],
+    lengths: Int[Array, " B"],
     cache: KVCache,
 ) -> tuple[Float[Array, "B V"], KVCache]:
     """Run right-padded prompts (true lengths ``lengths``) after ``cache``'s current contents.
@@ -308,7 +308,7 @@ def prefill(
 
 
 def decode_step(
-    cfg: ModelConfig, params, tokens: Int[Array, "B"], cache: KVCache
+    cfg: ModelConfig, params, tokens: Int[Array, " B"], cache: KVCache
 ) -> tuple[Float[Array, "B V"], KVCache]:
     """One new token per sequence at position ``cache.lengths``; returns its logits."""
     return _decode_step(cfg, params, jnp.asarray(tokens, jnp.int32), cache)
@@ -319,7 +319,7 @@ def extend(
     params,
     tokens: Int[Array, "B T"],
     cache: KVCache,
-    lengths: Int[Array, "B"] | None = None,
+    lengths: Int[Array, " B"] | None = None,
 ) -> tuple[Float[Array, "B T V"], KVCache]:
     """Logits of ``T`` new tokens per sequence that attend to ``cache`` and to each other."""
     tokens = jnp.asarray(tokens, jnp.int32)

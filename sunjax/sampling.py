@@ -20,10 +20,10 @@ from jaxtyping import Array, Float, Int
 class SamplingParams:
     """Batched sampling settings, one entry per sequence. temperature 0 means greedy."""
 
-    temperature: Float[Array, "B"]
-    top_k: Int[Array, "B"]  # 0 = no top-k
-    top_p: Float[Array, "B"]  # 1.0 = no nucleus cut
-    seed: Int[Array, "B"]
+    temperature: Float[Array, " B"]
+    top_k: Int[Array, " B"]  # 0 = no top-k
+    top_p: Float[Array, " B"]  # 1.0 = no nucleus cut
+    seed: Int[Array, " B"]
 
     @classmethod
     def create(cls, batch: int, *, temperature=0.0, top_k=0, top_p=1.0, seed=0) -> SamplingParams:
@@ -49,8 +49,8 @@ def validate_sampling(*, temperature, top_k, top_p) -> None:
 
 
 def sample(
-    logits: Float[Array, "B V"], sp: SamplingParams, positions: Int[Array, "B"]
-) -> Int[Array, "B"]:
+    logits: Float[Array, "B V"], sp: SamplingParams, positions: Int[Array, " B"]
+) -> Int[Array, " B"]:
     """Next token per row. Greedy rows take the argmax; the sort is skipped if all are greedy."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
