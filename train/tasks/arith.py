@@ -1,0 +1,110 @@
+"""Multi-step arithmetic word problems with a numeric answer (a GSM8K stand-in).
+
+The target works the problem one equation per line and ends with a GSM8K-style "#### N" line;
+the checker reads the last number of a completion, as GSM8K evaluation does.
+
+    tiny:  start 2..20, two steps of + / - with operands 1..9, one sentence.
+    small: start 10..99, three or four steps out of + / - / doubling / halving / packs of c.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from train.tasks.base import Example, Task
+
+NAME = "arith"
+
+_PEOPLE = (
+    "Tom", "Ana", "Ben", "Mia", "Sam", "Lea", "Max", "Zoe", "Leo", "Ivy",
+    "Dan", "Eva", "Raj", "Kim", "Omar", "Lina", "Paul", "Nora", "Ravi", "Sara",
+)  # fmt: skip
+_ITEMS = (
+    "apples", "marbles", "stickers", "books", "pens", "cards", "coins", "shells",
+    "stamps", "cookies", "balloons", "candles", "rocks", "toys", "beads", "eggs",
+)  # fmt: skip
+_CONTAINERS = ("boxes", "bags", "packs", "jars")
+_GAIN = ("buys {k} more", "finds {k} more", "gets {k} more from {friend}", "wins {k} more")
+_LOSS = ("gives away {k}", "loses {k}", "gives {k} to {friend}", "sells {k}")
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _gain(rng: random.Random, friend: str, x: int, k: int) -> tuple[str, list[str], int]:
+    phrase = rng.choice(_GAIN).format(k=k, friend=friend)
+    return phrase, [f"{x} + {k} = {x + k}"], x + k
+
+
+def _loss(rng: random.Random, friend: str, x: int, k: int) -> tuple[str, list[str], int]:
+    phrase = rng.choice(_LOSS).format(k=k, friend=friend)
+    return phrase, [f"{x} - {k} = {x - k}"], x - k
+
+
+def _step(
+    rng: random.Random, friend: str, items: str, x: int, difficulty: str
+) -> tuple[str, list[str], int]:
+    """One operation on the running count `x`: (phrase, equation lines, new count)."""
+    if difficulty == "tiny":
+        if x > 1 and rng.random() < 0.5:
+            return _loss(rng, friend, x, rng.randint(1, min(9, x - 1)))
+        return _gain(rng, friend, x, rng.randint(1, 9))
+    kinds = ["gain", "loss", "packs"]
+    if x <= 200:
+        kinds += ["double", "triple"]
+    if x % 2 == 0:
+        kinds.append("half")
+    kind = rng.choice(kinds) if x > 1 else "gain"
+    if kind == "gain":
+        return _gain(rng, friend, x, rng.randint(1, 50))
+    if kind == "loss":
+        return _loss(rng, friend, x, rng.randint(1, min(50, x - 1)))
+    if kind == "packs":
+        b, c = rng.randint(2, 6), rng.randint(2, 12)
+        phrase = f"buys {b} {rng.choice(_CONTAINERS)} of {c} {items}"
+        return phrase, [f"{b} * {c} = {b * c}", f"{x} + {b * c} = {x + b * c}"], x + b * c
+    if kind == "half":
+        return f"gives half of the {items} to {friend}", [f"{x} / 2 = {x // 2}"], x // 2
+    factor = 2 if kind == "double" else 3
+    phrase = f"{kind}s the number of {items}"
+    return phrase, [f"{x} * {factor} = {x * factor}"], x * factor
+
+
+def sample(rng: random.Random, difficulty: str) -> Example:
+    person, friend = rng.sample(_PEOPLE, 2)
+    items = rng.choice(_ITEMS)
+    x = rng.randint(2, 20) if difficulty == "tiny" else rng.randint(10, 99)
+    start = x
+    phrases: list[str] = []
+    lines: list[str] = []
+    for _ in range(2 if difficulty == "tiny" else rng.randint(3, 4)):
+        phrase, eqs, x = _step(rng, friend, items, x, difficulty)
+        phrases.append(phrase)
+        lines.extend(eqs)
+    question = f"How many {items} does {person} have now?"
+    if difficulty == "tiny":
+        story = f"{person} has {start} {items}, {phrases[0]} and {phrases[1]}."
+    else:
+        story = f"{person} has {start} {items}. " + " ".join(f"Then {person} {p}." for p in phrases)
+    return Example(
+        task=NAME,
+        messages=({"role": "user", "content": f"{story} {question}"},),
+        target="\n".join([*lines, f"#### {x}"]),
+        meta={"answer": x},
+    )
+
+
+def extract_number(text: str) -> float | None:
+    """The last number in `text` (thousands commas allowed), or None if there is none."""
+    matches = _NUMBER.findall(text)
+    if not matches:
+        return None
+    return float(matches[-1].replace(",", ""))
+
+
+def check(example: Example, completion: str) -> bool:
+    value = extract_number(completion)
+    return value is not None and abs(value - example.meta["answer"]) < 1e-6
+
+
+TASK = Task(name=NAME, sampler=sample, checker=check)
