@@ -1,0 +1,71 @@
+"""Generation: greedy equals transformers' greedy generate; sampling is seeded and per row."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import sunjax
+from sunjax.generate import generate
+from sunjax.sampling import SamplingParams, sample
+from tests.conftest import make_hf_model
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_greedy_equals_transformers_generate(tmp_path, model_type):
+    path, hf = make_hf_model(tmp_path, model_type, seed=3)
+    cfg, params = sunjax.load_hf(path)
+    rng = np.random.RandomState(4)
+    prompts = [rng.randint(0, cfg.vocab_size, n).tolist() for n in (5, 9)]
+    ours = generate(cfg, params, prompts, max_new_tokens=12)
+    for prompt, got in zip(prompts, ours.tokens, strict=True):
+        with torch.no_grad():
+            ref = hf.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=12,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(prompt) :].tolist()
+        assert got == ref
+    assert ours.finish_reason == ["length", "length"]
+
+
+def test_eos_stops_each_sequence_and_is_included(tmp_path):
+    path, _ = make_hf_model(tmp_path, "llama", seed=5)
+    cfg, params = sunjax.load_hf(path)
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    free = generate(cfg, params, prompts, max_new_tokens=10)
+    eos = free.tokens[0][3]
+    stopped = generate(cfg, params, prompts, max_new_tokens=10, eos_ids=[eos])
+    first = free.tokens[0].index(eos)
+    assert stopped.tokens[0] == free.tokens[0][: first + 1]
+    assert stopped.finish_reason[0] == "stop"
+    if eos not in free.tokens[1]:
+        assert stopped.tokens[1] == free.tokens[1]
+
+
+def test_sampling_is_seeded_per_row_and_respects_top_k():
+    logits = jax.random.normal(jax.random.PRNGKey(0), (4, 50))
+    sp = SamplingParams.create(4, temperature=1.0, top_k=3, seed=7)
+    pos = jnp.arange(4)
+    a, b = sample(logits, sp, pos), sample(logits, sp, pos)
+    np.testing.assert_array_equal(a, b)
+    top3 = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
+    for _ in range(5):
+        pos = pos + 10
+        drawn = np.asarray(sample(logits, sp, pos))
+        assert all(drawn[i] in top3[i] for i in range(4))
+    greedy = SamplingParams.create(4)
+    np.testing.assert_array_equal(sample(logits, greedy, pos), np.argmax(logits, -1))
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = jnp.log(jnp.array([[0.6, 0.3, 0.05, 0.05]]))
+    sp = SamplingParams.create(1, temperature=1.0, top_p=0.5, seed=1)
+    draws = {int(sample(logits, sp, jnp.array([i]))[0]) for i in range(30)}
+    assert draws == {0}
+    sp = SamplingParams.create(1, temperature=1.0, top_p=0.85, seed=1)
+    draws = {int(sample(logits, sp, jnp.array([i]))[0]) for i in range(60)}
+    assert draws == {0, 1}
