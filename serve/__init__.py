@@ -1,1 +1,1 @@
-"""Serving: engine (prefill / insert / generate), decode pool, router, scheduler, loop, benchmarks."""
+"""Serving: engine (prefill / insert / generate), decode pool, router, scheduler, loop."""

@@ -2,7 +2,7 @@
 
 Letters: B batch (sequence slots), S cache positions, K kv heads, H head dim, L layers.
 
-Each layer owns its own ``[B, S, K, H]`` buffer (a tuple over layers rather than one stacked
+Each layer owns its own ``[B, K, S, H]`` buffer (a tuple over layers rather than one stacked
 ``[L, ...]`` array), so a decode step updates every layer in place with a donated cache and
 never copies a layer's slice. ``lengths[b]`` is how many positions of slot ``b`` are valid.
 """
@@ -19,15 +19,15 @@ from jaxtyping import Array, Int
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    k: tuple[jax.Array, ...]  # L x [B, S, K, H]
-    v: tuple[jax.Array, ...]  # L x [B, S, K, H]
+    k: tuple[jax.Array, ...]  # L x [B, K, S, H]: head-major, so attention reads it as is
+    v: tuple[jax.Array, ...]  # L x [B, K, S, H]
     lengths: Int[Array, " B"]  # valid positions per slot
 
     @classmethod
     def create(cls, cfg, batch: int, max_len: int, dtype: str) -> KVCache:
         if batch < 1 or max_len < 1:
             raise ValueError(f"cache needs batch >= 1 and max_len >= 1, got {batch=} {max_len=}")
-        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
         return cls(k=zeros(), v=zeros(), lengths=jnp.zeros((batch,), jnp.int32))
 
@@ -37,7 +37,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
     def insert(self, other: KVCache, slot) -> KVCache:
         """Copy ``other`` (batch 1, max_len <= self.max_len) into slot ``slot``. Jittable."""

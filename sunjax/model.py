@@ -96,10 +96,11 @@ def apply_rope(x: Float[Array, "B T n H"], positions: Int[Array, "B T"], inv_fre
 
 
 def write_cache(
-    buf: Float[Array, "B S K H"], new: Float[Array, "B T K H"], start: Int[Array, " B"]
-) -> Float[Array, "B S K H"]:
+    buf: Float[Array, "B K S H"], new: Float[Array, "B T K H"], start: Int[Array, " B"]
+) -> Float[Array, "B K S H"]:
     """Write ``new`` at positions ``start[b] ...`` of each sequence (in place when donated)."""
-    put = lambda b, n, s: jax.lax.dynamic_update_slice(b, n.astype(b.dtype), (s, 0, 0))
+    new = new.swapaxes(1, 2).astype(buf.dtype)  # [B, K, T, H]
+    put = lambda b, n, s: jax.lax.dynamic_update_slice(b, n, (0, s, 0))
     return jax.vmap(put)(buf, new, start)
 
 
@@ -108,7 +109,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, k_cache, v_cache, start):
-        # x: [B, T, D]; positions: [B, T]; k_cache, v_cache: [B, S, K, H]; start: [B]
+        # x: [B, T, D]; positions: [B, T]; k_cache, v_cache: [B, K, S, H]; start: [B]
         cfg = self.cfg
         B, T, _ = x.shape
         N, K, G, H = cfg.n_heads, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim
@@ -127,10 +128,10 @@ class Attention(nn.Module):
         k_cache = write_cache(k_cache, k, start)
         v_cache = write_cache(v_cache, v, start)
 
-        S = k_cache.shape[1]
+        S = k_cache.shape[2]
         qg = q.reshape(B, T, K, G, H)
         scores = jnp.einsum(
-            "btkgh,bskh->bkgts", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32
+            "btkgh,bksh->bkgts", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32
         ) * (H**-0.5)
         key_pos = jnp.arange(S)[None, None, :]  # [1, 1, S]
         mask = key_pos <= positions[:, :, None]  # [B, T, S]
@@ -138,7 +139,7 @@ class Attention(nn.Module):
             mask &= key_pos > positions[:, :, None] - cfg.sliding_window
         scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.jnp_dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v_cache.astype(cfg.jnp_dtype))
+        out = jnp.einsum("bkgts,bksh->btkgh", probs, v_cache.astype(cfg.jnp_dtype))
         out = out.reshape(B, T, N * H)
         out = Linear(
             cfg.d_model,
@@ -169,7 +170,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, kv, positions, start):
-        # x: [B, T, D]; kv: ([B, S, K, H], [B, S, K, H]); positions: [B, T]; start: [B]
+        # x: [B, T, D]; kv: ([B, K, S, H], [B, K, S, H]); positions: [B, T]; start: [B]
         cfg = self.cfg
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
         h, k_cache, v_cache = Attention(cfg, name="attn")(
@@ -215,7 +216,7 @@ class Transformer(nn.Module):
             )
 
     def __call__(self, tokens, positions, ks, vs, start, logits_at=None):
-        # tokens, positions: [B, T]; ks, vs: L x [B, S, K, H]; start: [B];
+        # tokens, positions: [B, T]; ks, vs: L x [B, K, S, H]; start: [B];
         # logits_at: None (all T positions) or [B] index of the one position to score.
         x = self.embed(tokens)
         if self.cfg.scan_layers:
@@ -271,13 +272,13 @@ def _extend(cfg, params, tokens, cache, lengths):
     return _run(cfg, params, tokens, cache, lengths, None)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, donate_argnames="cache")
 def _prefill(cfg, params, tokens, lengths, cache):
     logits, cache = _run(cfg, params, tokens, cache, lengths, jnp.maximum(lengths - 1, 0))
     return logits[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, donate_argnames="cache")
 def _decode_step(cfg, params, tokens, cache):
     logits, cache = _run(cfg, params, tokens[:, None], cache, jnp.ones_like(cache.lengths), None)
     return logits[:, 0], cache
@@ -300,7 +301,7 @@ def prefill(
 
     Returns the logits at each prompt's last true position and the cache with the prompts' K/V
     appended (``cache.lengths + lengths``). Padding positions are written but lie past the new
-    length, so they are masked out and overwritten by the next token.
+    length, so they are masked out and overwritten by the next token. ``cache`` is donated.
     """
     check_tokens(cfg, tokens, lengths=lengths, cache=cache)
     tokens = jnp.asarray(tokens, jnp.int32)
@@ -310,7 +311,10 @@ def prefill(
 def decode_step(
     cfg: ModelConfig, params, tokens: Int[Array, " B"], cache: KVCache
 ) -> tuple[Float[Array, "B V"], KVCache]:
-    """One new token per sequence at position ``cache.lengths``; returns its logits."""
+    """One new token per sequence at position ``cache.lengths``; returns its logits.
+
+    ``cache`` is donated (updated in place): use the returned cache, not the argument.
+    """
     return _decode_step(cfg, params, jnp.asarray(tokens, jnp.int32), cache)
 
 

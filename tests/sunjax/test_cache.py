@@ -81,5 +81,5 @@ def test_cache_insert_copies_one_slot():
     )
     pool = pool.insert(one, 2)
     np.testing.assert_array_equal(pool.lengths, [0, 0, 3, 0])
-    np.testing.assert_array_equal(pool.k[1][2, :16], one.k[1][0])
+    np.testing.assert_array_equal(pool.k[1][2, :, :16], one.k[1][0])
     assert not np.asarray(pool.k[1])[[0, 1, 3]].any()
