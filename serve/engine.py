@@ -1,0 +1,205 @@
+"""The serving engine: ``prefill`` / ``insert`` / ``generate``, params passed on every call.
+
+Letters: B decode slots, T bucketed prompt length, S cache positions, V vocab.
+
+* ``prefill(params, tokens, true_length, sampling) -> Prefix``: a task's prefill tree reads one
+  prompt (right-padded to a power-of-two bucket) and returns its batch-1 KV cache and first token.
+* ``insert(prefix, state, slot) -> state``: copies a prefix into a free decode slot (jitted,
+  the decode state donated).
+* ``generate(params, state) -> (state, tokens [B])``: one decode step of every slot with the
+  decode tree, each slot sampled with its own settings (jitted, donated).
+
+Compiled shapes depend only on the prompt bucket and the slot count, never on a request, so
+serving many requests of varied lengths compiles ``prefill`` once per bucket and the rest once.
+The decode pool (``serve.pool``) runs ``decode_step`` inside ``shard_map`` over its workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Int
+
+from sunjax.cache import KVCache
+from sunjax.config import ModelConfig
+from sunjax.generate import bucket
+from sunjax.model import _run
+from sunjax.sampling import SamplingParams, sample
+
+Params = dict  # a model's plain nested parameter dict
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """Decode slots per engine (per worker in a pool), cache length, smallest prompt bucket."""
+
+    slots: int = 8
+    max_len: int = 256
+    min_bucket: int = 8
+
+    def __post_init__(self):
+        if self.slots < 1:
+            raise ValueError(f"slots={self.slots} must be >= 1")
+        if self.min_bucket < 1 or self.max_len < self.min_bucket:
+            raise ValueError(f"need 1 <= min_bucket={self.min_bucket} <= max_len={self.max_len}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Prefix:
+    """One prefilled prompt, ready to hand to a decode slot."""
+
+    cache: KVCache  # batch 1, [1, K, T, H] per layer, lengths [1] = true prompt length
+    token: Int[Array, ""]  # first generated token (sampled from the prefill tree's logits)
+    length: Int[Array, ""]  # true prompt length
+    sampling: SamplingParams  # batch 1: the request's settings, carried into its slot
+    model: str = dataclasses.field(default="", metadata={"static": True})  # host metadata
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """Everything one decode step reads and writes, one row per slot."""
+
+    cache: KVCache  # [B, K, S, H] per layer, lengths [B]
+    tokens: Int[Array, " B"]  # each slot's last token: the input of the next step
+    sampling: SamplingParams  # [B] per-slot settings
+    active: Bool[Array, " B"]  # slots holding a live request
+
+
+def init_decode_state(cfg: ModelConfig, slots: int, max_len: int) -> DecodeState:
+    return DecodeState(
+        cache=cfg.init_cache(slots, max_len),
+        tokens=jnp.zeros((slots,), jnp.int32),
+        sampling=SamplingParams.create(slots),
+        active=jnp.zeros((slots,), bool),
+    )
+
+
+def sampling_params(
+    *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0
+) -> SamplingParams:
+    """Batch-1 ``SamplingParams`` for one request; invalid values raise ValueError."""
+    if not 0 <= int(seed) < 2**32:
+        raise ValueError(f"seed={seed} must lie in [0, 2**32)")
+    return SamplingParams.create(1, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+
+
+# -- pure steps (jitted below, and inside shard_map by the pool) ---------------------------
+def prefill_step(
+    cfg: ModelConfig,
+    params: Params,
+    tokens: Int[Array, "1 T"],
+    length: Int[Array, " 1"],
+    sampling: SamplingParams,
+) -> tuple[KVCache, Int[Array, " 1"]]:
+    cache = cfg.init_cache(1, tokens.shape[1])
+    logits, cache = _run(cfg, params, tokens, cache, length, length - 1)  # logits [1, 1, V]
+    return cache, sample(logits[:, 0], sampling, length)
+
+
+def insert_step(prefix: Prefix, state: DecodeState, slot: Int[Array, ""]) -> DecodeState:
+    put = lambda dst, src: jax.lax.dynamic_update_slice(dst, src.astype(dst.dtype), (slot,))
+    return DecodeState(
+        cache=state.cache.insert(prefix.cache, slot),
+        tokens=state.tokens.at[slot].set(prefix.token),
+        sampling=jax.tree.map(put, state.sampling, prefix.sampling),
+        active=state.active.at[slot].set(True),
+    )
+
+
+def decode_step(
+    cfg: ModelConfig, params: Params, state: DecodeState
+) -> tuple[DecodeState, Int[Array, " B"]]:
+    """Advance every active slot by one token; inactive slots keep their length."""
+    advance = state.active.astype(jnp.int32)
+    logits, cache = _run(cfg, params, state.tokens[:, None], state.cache, advance, None)
+    nxt = sample(logits[:, 0], state.sampling, cache.lengths)
+    nxt = jnp.where(state.active, nxt, 0)
+    return dataclasses.replace(state, cache=cache, tokens=nxt), nxt
+
+
+_prefill = jax.jit(prefill_step, static_argnums=0)
+_insert = jax.jit(insert_step, donate_argnums=1)
+_generate = jax.jit(decode_step, static_argnums=0, donate_argnums=2)
+
+
+class Engine:
+    """Prefill / insert / generate for one model config on one device.
+
+    >>> eng = Engine(cfg, EngineConfig(slots=4, max_len=64))
+    >>> state = eng.init_decode_state()
+    >>> prefix = eng.prefill(task_params, [5, 6, 7], sampling_params())
+    >>> state = eng.insert(prefix, state, slot=0)
+    >>> state, tokens = eng.generate(decode_params, state)  # tokens [4]
+    """
+
+    def __init__(self, cfg: ModelConfig, config: EngineConfig):
+        self.cfg = cfg
+        self.config = config
+        if config.max_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_len={config.max_len} exceeds "
+                f"max_position_embeddings={cfg.max_position_embeddings}"
+            )
+
+    def init_decode_state(self) -> DecodeState:
+        return init_decode_state(self.cfg, self.config.slots, self.config.max_len)
+
+    def bucket(self, n: int) -> int:
+        return min(bucket(n, self.config.min_bucket), self.config.max_len)
+
+    def check_prompt(self, tokens: Sequence[int], max_tokens: int) -> None:
+        """ValueError naming the value when a request can never be served."""
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("prompt is empty")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens={max_tokens} must be >= 1")
+        bad = [t for t in tokens if not 0 <= int(t) < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(
+                f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})"
+            )
+        if n + max_tokens > self.config.max_len:
+            raise ValueError(
+                f"prompt of {n} tokens + max_tokens={max_tokens} exceeds the decode cache "
+                f"length max_len={self.config.max_len}"
+            )
+
+    def prefill(
+        self,
+        params: Params,
+        tokens: Sequence[int],
+        sampling: SamplingParams,
+        *,
+        model: str = "",
+    ) -> Prefix:
+        """Prefill one prompt (a token-id list) with ``params``; the first token is sampled."""
+        n = len(tokens)
+        padded = np.zeros((1, self.bucket(n)), np.int32)
+        padded[0, :n] = tokens
+        length = jnp.full((1,), n, jnp.int32)
+        cache, token = _prefill(self.cfg, params, jnp.asarray(padded), length, sampling)
+        return Prefix(cache=cache, token=token[0], length=length[0], sampling=sampling, model=model)
+
+    def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState:
+        """Put ``prefix`` into decode slot ``slot``; ``state`` is donated."""
+        return _insert(dataclasses.replace(prefix, model=""), state, jnp.int32(slot))
+
+    def generate(self, params: Params, state: DecodeState) -> tuple[DecodeState, jax.Array]:
+        """One decode step of every slot with ``params``; ``state`` is donated."""
+        return _generate(self.cfg, params, state)
+
+
+def compile_counts() -> dict[str, int]:
+    """How many shapes each jitted engine function has compiled (for recompilation tests)."""
+    return {
+        "prefill": _prefill._cache_size(),
+        "insert": _insert._cache_size(),
+        "generate": _generate._cache_size(),
+    }

@@ -1,0 +1,164 @@
+"""The decode pool: W decode workers on a mesh axis ``"workers"``, one SPMD step for all.
+
+Letters: W workers, B slots per worker (W * B slots in all, sharded over ``"workers"``).
+
+* **SUN**: ``DecodePool(cfg, config, decode_params=theta)``: the one shared decode tree is
+  replicated (``P()``); any worker can decode any task's request.
+* **Conventional**: ``DecodePool(cfg, config, worker_params=[tree_0, ..., tree_{W-1}])``: each
+  worker holds its own model's full fine-tuned tree, stacked on a leading axis sharded over
+  ``"workers"``. The step code is the same; only the parameter layout differs.
+
+KV hand-off: ``insert`` puts the prefix on the target worker's device (``jax.device_put``) and
+runs the engine's jitted insert on that worker's shard of the decode state alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from serve.engine import DecodeState, EngineConfig, Params, Prefix, _insert, decode_step
+from serve.engine import init_decode_state as _init_state
+from sunjax.config import ModelConfig
+
+AXIS = "workers"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PoolConfig:
+    workers: int = 4
+    slots_per_worker: int = 8
+    max_len: int = 256
+    min_bucket: int = 8
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise ValueError(f"workers={self.workers} must be >= 1")
+
+    @property
+    def engine(self) -> EngineConfig:
+        return EngineConfig(
+            slots=self.slots_per_worker, max_len=self.max_len, min_bucket=self.min_bucket
+        )
+
+
+def shard_map(f, *, mesh: Mesh, in_specs, out_specs):
+    """``jax.shard_map`` (JAX >= 0.7) or ``jax.experimental.shard_map.shard_map`` (older)."""
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map as legacy
+
+    return legacy(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def ensure_cpu_devices(n: int) -> None:
+    """Ask for ``n`` host devices when running on the CPU (before JAX starts its backend)."""
+    try:
+        jax.config.update("jax_num_cpu_devices", max(n, 1))
+    except RuntimeError:  # backend already initialised: keep what it has
+        pass
+
+
+class DecodePool:
+    """W decode workers advanced by one ``shard_map`` dispatch per step."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        config: PoolConfig,
+        *,
+        decode_params: Params | None = None,
+        worker_params: Sequence[Params] | None = None,
+        devices: Sequence[jax.Device] | None = None,
+    ):
+        if (decode_params is None) == (worker_params is None):
+            raise ValueError("give exactly one of decode_params (SUN) or worker_params")
+        W = config.workers
+        devices = list(jax.devices() if devices is None else devices)
+        if len(devices) < W:
+            raise ValueError(
+                f"workers={W} needs {W} devices, found {len(devices)} (on the CPU set "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={W})"
+            )
+        if worker_params is not None and len(worker_params) != W:
+            raise ValueError(f"worker_params has {len(worker_params)} trees for workers={W}")
+        self.cfg, self.config = cfg, config
+        if config.max_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_len={config.max_len} exceeds "
+                f"max_position_embeddings={cfg.max_position_embeddings}"
+            )
+        self.devices = devices[:W]
+        self.mesh = Mesh(np.array(self.devices), (AXIS,))
+        self.sharded = NamedSharding(self.mesh, P(AXIS))
+        self.shared = worker_params is None
+        if self.shared:
+            self.params = jax.device_put(decode_params, NamedSharding(self.mesh, P()))
+            param_spec = P()
+        else:
+            self.params = jax.tree.map(self._stack, *worker_params)
+            param_spec = P(AXIS)
+        state = _init_state(cfg, W * config.slots_per_worker, config.max_len)
+        self.state: DecodeState = jax.device_put(state, self.sharded)
+
+        shared = self.shared
+
+        def local_step(params, state):  # params: replicated or [1, ...]; state: B slots
+            if not shared:
+                params = jax.tree.map(lambda x: x[0], params)
+            return decode_step(cfg, params, state)
+
+        step = shard_map(
+            local_step, mesh=self.mesh, in_specs=(param_spec, P(AXIS)), out_specs=P(AXIS)
+        )
+        self._step = jax.jit(step, donate_argnums=1)
+
+    def _stack(self, *leaves: jax.Array) -> jax.Array:
+        """One leaf per worker -> one [W, ...] array whose row w lives on worker w."""
+        rows = [
+            jax.device_put(jnp.asarray(x)[None], d)
+            for x, d in zip(leaves, self.devices, strict=True)
+        ]
+        shape = (len(rows),) + rows[0].shape[1:]
+        return jax.make_array_from_single_device_arrays(shape, self.sharded, rows)
+
+    @property
+    def slots(self) -> int:
+        return self.config.workers * self.config.slots_per_worker
+
+    def slot_index(self, worker: int, slot: int) -> int:
+        return worker * self.config.slots_per_worker + slot
+
+    def step(self) -> np.ndarray:
+        """One decode step of every worker; returns each slot's new token [W * B] (host)."""
+        self.state, tokens = self._step(self.params, self.state)
+        return np.asarray(tokens)
+
+    def insert(self, prefix: Prefix, worker: int, slot: int) -> None:
+        """Hand ``prefix`` to ``worker`` and put it in that worker's local slot ``slot``."""
+        device = self.devices[worker]
+        prefix = jax.device_put(dataclasses.replace(prefix, model=""), device)
+        leaves, treedef = jax.tree.flatten(self.state)
+        shards = [{s.device: s.data for s in a.addressable_shards} for a in leaves]
+        local = treedef.unflatten([parts[device] for parts in shards])
+        local = _insert(prefix, local, jnp.int32(slot))  # donates this worker's shard only
+        rebuilt = []
+        for a, parts, new in zip(leaves, shards, jax.tree.leaves(local), strict=True):
+            parts[device] = new
+            arrays = [parts[d] for d in a.sharding.addressable_devices]
+            rebuilt.append(jax.make_array_from_single_device_arrays(a.shape, a.sharding, arrays))
+        self.state = treedef.unflatten(rebuilt)
+
+    def set_active(self, active: np.ndarray) -> None:
+        """Replace the active mask [W * B] (host is the source of truth for freed slots)."""
+        mask = jax.device_put(np.asarray(active, bool), self.sharded)
+        self.state = dataclasses.replace(self.state, active=mask)
+
+    def lengths(self) -> np.ndarray:
+        return np.asarray(self.state.cache.lengths)

@@ -1,0 +1,323 @@
+"""Continuous batching over a decode pool: admit, prefill, hand off, decode, stream, free.
+
+The scheduler is host code around three jitted calls (prefill, insert, the pool step). Every
+``step()`` admits what fits (prefill with the request's task tree, route, insert), runs one
+decode step of all workers, then finishes slots on an EOS id, a stop string or ``max_tokens``.
+A finished or cancelled request frees its slot at once. Tokenizing, detokenizing and
+bookkeeping never enter the jitted step.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from serve.engine import Engine, Params, sampling_params
+from serve.pool import DecodePool
+from serve.router import Router
+
+
+class Tokenizer(Protocol):
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound: the request was refused, retry later."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Request:
+    id: str
+    model: str
+    prompt: tuple[int, ...]  # token ids
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()  # stop strings (need a tokenizer)
+
+
+@dataclasses.dataclass
+class Result:
+    id: str
+    model: str
+    tokens: list[int]
+    text: str = ""
+    finish_reason: str = ""  # "stop" | "length" | "cancelled"
+    arrival: float = 0.0
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    worker: int | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.arrival
+
+    @property
+    def tpot(self) -> float | None:
+        if self.finished_at is None or self.first_token_at is None or len(self.tokens) < 2:
+            return None
+        return (self.finished_at - self.first_token_at) / (len(self.tokens) - 1)
+
+    @property
+    def e2e(self) -> float | None:
+        return None if self.finished_at is None else self.finished_at - self.arrival
+
+
+StreamCallback = Callable[[str, str, bool], None]  # (request id, text delta, finished)
+
+
+class Detokenizer:
+    """Incremental detokenization that never emits half a UTF-8 character or part of a stop
+    string: ``push`` ids, ``take`` the text that is safe to show."""
+
+    def __init__(self, tokenizer: Tokenizer | None, stop: Sequence[str] = ()):
+        self.tok, self.stop = tokenizer, tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.prefix_offset = self.read_offset = 0
+        self.text = ""  # complete characters decoded so far (cut at a stop string)
+        self.emitted = 0
+        self.stopped = False
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def push(self, token: int) -> None:
+        if self.tok is None or self.stopped:
+            return
+        self.ids.append(token)
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self._append(full[len(prefix) :])
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+
+    def flush(self) -> None:
+        """At the end: whatever is left (an incomplete character decodes to U+FFFD)."""
+        if self.tok is None or self.stopped:
+            return
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
+        self._append(full[len(prefix) :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+
+    def _append(self, delta: str) -> None:
+        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+        self.text += delta
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[: min(hits)], True
+
+    def take(self, final: bool = False) -> str:
+        end = len(self.text)
+        if not final and not self.stopped:
+            end -= max(
+                (n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])),
+                default=0,
+            )
+        delta, self.emitted = self.text[self.emitted : end], max(self.emitted, end)
+        return delta
+
+
+@dataclasses.dataclass
+class _Live:
+    request: Request
+    result: Result
+    detok: Detokenizer
+    on_text: StreamCallback | None
+
+
+class Scheduler:
+    """Requests in, results (and streamed text) out, over one ``DecodePool``.
+
+    ``prefill_params`` maps each task model to its prefill tree (SUN: fine-tuned prefill
+    module; conventional: the model's full fine-tuned tree).
+    """
+
+    def __init__(
+        self,
+        pool: DecodePool,
+        prefill_params: Mapping[str, Params],
+        router: Router,
+        *,
+        tokenizer: Tokenizer | None = None,
+        eos_ids: Sequence[int] = (),
+        max_queue: int = 256,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        if max_queue < 0:
+            raise ValueError(f"max_queue={max_queue} must be >= 0")
+        self.pool, self.router, self.tokenizer = pool, router, tokenizer
+        self.prefill_params = dict(prefill_params)
+        self.engine = Engine(pool.cfg, pool.config.engine)
+        self.eos = frozenset(int(e) for e in eos_ids)
+        self.max_queue, self.clock = max_queue, clock
+        self.queue: collections.deque[_Live] = collections.deque()
+        self.slots: list[_Live | None] = [None] * pool.slots
+        self.active = np.zeros(pool.slots, bool)
+        self.results: dict[str, Result] = {}
+        self.decode_steps = 0
+        self.occupancy_sum = 0.0  # sum over decode steps of the fraction of slots in use
+
+    # -- requests in ---------------------------------------------------------------------
+    def validate(self, request: Request) -> None:
+        """ValueError naming the offending value; the scheduler is unchanged."""
+        if request.model not in self.prefill_params:
+            raise ValueError(
+                f"unknown model {request.model!r}; known: {sorted(self.prefill_params)}"
+            )
+        if request.id in self.results or any(live.request.id == request.id for live in self._all()):
+            raise ValueError(f"duplicate request id {request.id!r}")
+        self.engine.check_prompt(request.prompt, request.max_tokens)
+        sampling_params(
+            temperature=request.temperature,
+            top_k=request.top_k,
+            top_p=request.top_p,
+            seed=request.seed,
+        )
+        if request.stop and self.tokenizer is None:
+            raise ValueError(f"stop={request.stop} needs a tokenizer")
+        self.router.workers_for(request.model)
+
+    def submit(
+        self,
+        request: Request,
+        on_text: StreamCallback | None = None,
+        *,
+        arrival: float | None = None,
+    ) -> None:
+        """Queue ``request``. Raises ValueError (bad request) or QueueFull (over the bound)."""
+        self.validate(request)
+        if len(self.queue) >= self.max_queue:
+            raise QueueFull(
+                f"request {request.id!r} refused: {len(self.queue)} requests already wait "
+                f"(max_queue={self.max_queue})"
+            )
+        result = Result(
+            id=request.id,
+            model=request.model,
+            tokens=[],
+            arrival=self.clock() if arrival is None else arrival,
+        )
+        self.queue.append(
+            _Live(request, result, Detokenizer(self.tokenizer, request.stop), on_text)
+        )
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a queued or running request now (its slot is freed); False if not live."""
+        for live in self.queue:
+            if live.request.id == request_id:
+                self.queue.remove(live)
+                self._finish(live, "cancelled")
+                return True
+        for slot, live in enumerate(self.slots):
+            if live is not None and live.request.id == request_id:
+                self._free(slot, "cancelled")
+                self.pool.set_active(self.active)
+                return True
+        return False
+
+    # -- the loop ------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue) or bool(self.active.any())
+
+    def step(self) -> None:
+        """Admit what fits, then one decode step of every worker, then finish slots."""
+        self._admit()
+        if not self.active.any():
+            return
+        tokens = self.pool.step()
+        self.decode_steps += 1
+        self.occupancy_sum += self.active.mean()
+        freed = False
+        for slot in np.flatnonzero(self.active):
+            reason = self._append(self.slots[slot], int(tokens[slot]))
+            if reason:
+                self._free(slot, reason)
+                freed = True
+        if freed:
+            self.pool.set_active(self.active)
+
+    def run_until_idle(self) -> None:
+        while self.busy:
+            self.step()
+
+    def free_slots(self) -> list[int]:
+        B = self.pool.config.slots_per_worker
+        return [
+            int(B - self.active[w * B : (w + 1) * B].sum()) for w in range(self.pool.config.workers)
+        ]
+
+    # -- internals -----------------------------------------------------------------------
+    def _all(self):
+        yield from self.queue
+        yield from (live for live in self.slots if live is not None)
+
+    def _admit(self) -> None:
+        free = self.free_slots()
+        waiting = list(self.queue)
+        for live in waiting:
+            if not any(free):
+                break
+            worker = self.router.pick(live.request.model, free)
+            if worker is None:
+                continue  # this model's workers are full; later requests may fit elsewhere
+            self.queue.remove(live)
+            req = live.request
+            sp = sampling_params(
+                temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed
+            )
+            prefix = self.engine.prefill(
+                self.prefill_params[req.model], req.prompt, sp, model=req.model
+            )
+            live.result.worker = worker
+            reason = self._append(live, int(prefix.token))
+            if reason:
+                self._finish(live, reason)
+                continue
+            B = self.pool.config.slots_per_worker
+            local = next(s for s in range(B) if not self.active[worker * B + s])
+            self.pool.insert(prefix, worker, local)
+            slot = worker * B + local
+            self.slots[slot], self.active[slot] = live, True
+            free[worker] -= 1
+
+    def _append(self, live: _Live, token: int) -> str:
+        """Record one new token; returns the finish reason or ""."""
+        res = live.result
+        if res.first_token_at is None:
+            res.first_token_at = self.clock()
+        res.tokens.append(token)
+        if token in self.eos:
+            return "stop"
+        live.detok.push(token)
+        if live.detok.stopped:
+            return "stop"
+        if len(res.tokens) >= live.request.max_tokens:
+            return "length"
+        if live.on_text is not None:
+            delta = live.detok.take()
+            if delta:
+                live.on_text(res.id, delta, False)
+        return ""
+
+    def _free(self, slot: int, reason: str) -> None:
+        live = self.slots[slot]
+        self.slots[slot], self.active[slot] = None, False
+        self._finish(live, reason)
+
+    def _finish(self, live: _Live, reason: str) -> None:
+        live.detok.flush()
+        delta = live.detok.take(final=True)
+        res = live.result
+        res.text, res.finish_reason, res.finished_at = live.detok.text, reason, self.clock()
+        self.results[res.id] = res
+        if live.on_text is not None:
+            live.on_text(res.id, delta, True)
