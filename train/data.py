@@ -1,0 +1,54 @@
+"""Task examples -> token ids -> fixed-shape ``Batch`` es for the SUN loss."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from sunjax.sun import Batch, make_batch
+from sunjax.tokenizer import eos_ids
+from train.tasks import Example
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """Examples as (prompt ids, response ids + EOS) pairs, with the shapes they pad to."""
+
+    pairs: list[tuple[list[int], list[int]]]
+    prompt_len: int
+    response_len: int
+
+    def batch(self, indices: np.ndarray) -> Batch:
+        return make_batch([self.pairs[i] for i in indices], self.prompt_len, self.response_len)
+
+
+def encode_pairs(tokenizer, pairs: list[tuple], *, prompt_len: int, response_len: int) -> Encoded:
+    """Tokenize ``(chat messages, target text)`` pairs: prompt with the chat template and a
+    generation prompt, response = target + EOS. Examples that do not fit raise ValueError."""
+    eos = eos_ids(tokenizer)[0]
+    out = []
+    for messages, target in pairs:
+        text = tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=True
+        )
+        prompt = tokenizer.encode(text, add_special_tokens=False)
+        out.append((prompt, tokenizer.encode(target, add_special_tokens=False) + [eos]))
+    longest_p = max(len(p) for p, _ in out)
+    longest_r = max(len(r) for _, r in out)
+    if longest_p > prompt_len or longest_r > response_len:
+        raise ValueError(
+            f"examples need prompt_len >= {longest_p} and response_len >= {longest_r}, "
+            f"got {prompt_len=} {response_len=}"
+        )
+    return Encoded(pairs=out, prompt_len=prompt_len, response_len=response_len)
+
+
+def encode(tokenizer, examples: list[Example], *, prompt_len: int, response_len: int) -> Encoded:
+    """``encode_pairs`` over task examples."""
+    return encode_pairs(
+        tokenizer,
+        [(ex.messages, ex.target) for ex in examples],
+        prompt_len=prompt_len,
+        response_len=response_len,
+    )
