@@ -100,8 +100,13 @@ def _side(side: str, model: str, batches: list[int], n: int, repeats: int) -> di
         def run(ids=ids, mask=mask, width=width):
             with torch.no_grad():
                 out = hf.generate(
-                    ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                    do_sample=False, eos_token_id=None, pad_token_id=pad,
+                    ids,
+                    attention_mask=mask,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=pad,
                 )
             assert out.shape[1] == width + n
 
@@ -131,9 +136,21 @@ def main(argv: list[str] | None = None) -> int:
     path = hub.resolve(args.model)
     timings = {}
     for side in ("transformers", "sunjax"):
-        cmd = [sys.executable, "-m", "serve.bench_generate", "--side", side, "--model", path,
-               "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
-               "--batches", *map(str, args.batches)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "serve.bench_generate",
+            "--side",
+            side,
+            "--model",
+            path,
+            "--new-tokens",
+            str(args.new_tokens),
+            "--repeats",
+            str(args.repeats),
+            "--batches",
+            *map(str, args.batches),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
@@ -167,13 +184,19 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "model": os.path.basename(path),
     }
-    print(f"greedy generation, {args.new_tokens} new tokens, {env['model']}, "
-          f"{env['jax_backend']} ({env['cpu_count']} cores)")
-    print(f"{'batch':>5} {'sunjax tok/s':>13} {'transformers tok/s':>19} {'speedup':>8} "
-          f"{'recompiles':>10}")
+    print(
+        f"greedy generation, {args.new_tokens} new tokens, {env['model']}, "
+        f"{env['jax_backend']} ({env['cpu_count']} cores)"
+    )
+    print(
+        f"{'batch':>5} {'sunjax tok/s':>13} {'transformers tok/s':>19} {'speedup':>8} "
+        f"{'recompiles':>10}"
+    )
     for r in rows:
-        print(f"{r['batch']:>5} {r['sunjax_tok_s']:>13.1f} {r['transformers_tok_s']:>19.1f} "
-              f"{r['speedup']:>7.2f}x {r['recompiles_during_timing']:>10}")
+        print(
+            f"{r['batch']:>5} {r['sunjax_tok_s']:>13.1f} {r['transformers_tok_s']:>19.1f} "
+            f"{r['speedup']:>7.2f}x {r['recompiles_during_timing']:>10}"
+        )
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_generate.json"), "w") as f:
         json.dump({"env": env, "rows": rows}, f, indent=2)

@@ -52,8 +52,8 @@ class ByteTokenizer:
     """Token id -> one byte; some ids are pieces of multi-byte UTF-8 characters."""
 
     def __init__(self, vocab_size: int = 97):
-        specials = "é日".encode()  # c3 a9 | e6 97 a5
-        table = list(b"abcdefghijklmnopqrstuvwxyz ,.!?") + list(specials)
+        pieces = sorted(set("é日本".encode()))  # c3 a9 | e6 97 a5 | e6 9c ac
+        table = list(b"abcdefghijklmnopqrstuvwxyz ,.!?") + pieces
         self.table = (table * (vocab_size // len(table) + 1))[:vocab_size]
 
     def decode(self, ids, skip_special_tokens=True):
