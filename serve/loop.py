@@ -1,0 +1,362 @@
+"""The serving loop: ``python -m serve.loop --config configs/serve/<setup>.yaml --out DIR``.
+
+Loads a base model and task prefill modules, builds the decode pool for the policy (``sun``:
+one shared decode tree, least-loaded routing; ``conventional``: per-model workers holding full
+fine-tuned trees, model-affine routing), replays requests (a JSONL file or a generated
+workload) at their arrival times, and writes ``DIR/outputs.jsonl`` and ``DIR/summary.json``.
+
+Model sources are pluggable (``LOADERS``): ``random`` derives task modules from the base by a
+seeded perturbation; ``export`` reads a SUN export through ``train.export.load_export``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from serve.engine import Engine, Params, sampling_params
+from serve.pool import DecodePool, PoolConfig, ensure_cpu_devices
+from serve.router import LeastLoaded, ModelAffine, Router
+from serve.scheduler import QueueFull, Request, Result, Scheduler, Tokenizer
+from serve.workload import Arrival, WorkloadConfig, make_workload
+from sunjax import hub, init_params
+from sunjax.config import ModelConfig
+from sunjax.configs import load_model_config, overlay, read_yaml
+from sunjax.sun import fingerprint
+from sunjax.tokenizer import chat_prompt, eos_ids, load_tokenizer
+
+TINY_MODEL = {
+    "vocab_size": 512,
+    "d_model": 64,
+    "n_layers": 2,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "head_dim": 16,
+    "ffn_dim": 128,
+    "max_position_embeddings": 256,
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """A serving setup; ``configs/serve/*.yaml`` are overlays on it."""
+
+    policy: str = "sun"  # "sun" | "conventional"
+    # hub name or local path (GGUF / HF dir), a configs/models YAML, or ModelConfig fields
+    model: str | Mapping[str, int | float | str] = dataclasses.field(
+        default_factory=lambda: dict(TINY_MODEL)
+    )
+    loader: str = "random"  # "random" | "export"
+    export: str | None = None  # export directory for loader "export"
+    tasks: tuple[str, ...] = ("math", "code", "tool", "chat")
+    perturb: float = 0.02  # random task modules: relative noise added to the base
+    seed: int = 0
+    workers: int = 4
+    slots_per_worker: int = 8
+    max_len: int = 256
+    min_bucket: int = 8
+    max_queue: int = 1024
+    requests: str | None = None  # JSONL request file; None = generated workload
+    workload: Mapping[str, float | int | list[int]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.policy not in ("sun", "conventional"):
+            raise ValueError(f"policy={self.policy!r} must be 'sun' or 'conventional'")
+        if self.loader not in LOADERS:
+            raise ValueError(f"loader={self.loader!r} must be one of {sorted(LOADERS)}")
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        if not self.tasks:
+            raise ValueError("tasks is empty")
+
+    @property
+    def workload_config(self) -> WorkloadConfig:
+        return overlay(WorkloadConfig, dict(self.workload))
+
+
+@dataclasses.dataclass
+class Models:
+    """What a loader returns: the trees a policy needs, and the text side if there is one."""
+
+    cfg: ModelConfig
+    decode: Params  # the shared decode tree
+    prefill: dict[str, Params]  # task -> prefill tree
+    full: dict[str, Params]  # task -> full fine-tuned tree (conventional decode workers)
+    tokenizer: Tokenizer | None = None
+    eos_ids: tuple[int, ...] = ()
+
+
+def _base(config: ServeConfig):
+    """``(cfg, params, tokenizer | None)`` of the base model."""
+    if isinstance(config.model, Mapping):
+        cfg = ModelConfig(**config.model)
+        return cfg, init_params(cfg, jax.random.PRNGKey(config.seed)), None
+    if config.model.endswith((".yaml", ".yml")):
+        cfg = load_model_config(config.model)
+        return cfg, init_params(cfg, jax.random.PRNGKey(config.seed)), None
+    return hub.load(config.model)
+
+
+def load_random(config: ServeConfig) -> Models:
+    """Task modules = base + seeded noise (``perturb`` x each leaf's std); decode = base.
+    Stand-ins for trained modules: the conventional full trees are the same perturbed trees."""
+    cfg, base, tok = _base(config)
+
+    def perturb(i: int):
+        leaves, treedef = jax.tree.flatten(base)
+        keys = jax.random.split(jax.random.PRNGKey(config.seed * 1000 + i + 1), len(leaves))
+        noisy = [
+            x + config.perturb * jnp.std(x) * jax.random.normal(k, x.shape, x.dtype)
+            for x, k in zip(leaves, keys, strict=True)
+        ]
+        return treedef.unflatten(noisy)
+
+    prefill = {t: perturb(i) for i, t in enumerate(config.tasks)}
+    return Models(
+        cfg=cfg,
+        decode=base,
+        prefill=prefill,
+        full=prefill,
+        tokenizer=tok,
+        eos_ids=tuple(eos_ids(tok)) if tok is not None else (),
+    )
+
+
+def load_from_export(config: ServeConfig) -> Models:
+    """A SUN export: ``train.export.load_export(dir) -> (cfg, decode, {task: prefill}, manifest)``.
+    The manifest's ``decode_fingerprint`` (if present) must match the decode tree."""
+    if config.export is None:
+        raise ValueError("loader 'export' needs export=<directory>")
+    load_export = importlib.import_module("train.export").load_export
+    cfg, decode, prefill, manifest = load_export(config.export)
+    want = manifest.get("decode_fingerprint")
+    if want is not None and want != fingerprint(decode):
+        raise ValueError(f"export {config.export!r}: decode tree does not match {want=}")
+    tok_path = manifest.get("tokenizer")
+    tok = load_tokenizer(tok_path) if tok_path else None
+    return Models(
+        cfg=cfg,
+        decode=decode,
+        prefill=dict(prefill),
+        full=dict(prefill),  # an export holds no full fine-tunes: conventional pairs naively
+        tokenizer=tok,
+        eos_ids=tuple(eos_ids(tok)) if tok is not None else (),
+    )
+
+
+LOADERS: dict[str, Callable[[ServeConfig], Models]] = {
+    "random": load_random,
+    "export": load_from_export,
+}
+
+
+def build(config: ServeConfig, models: Models) -> tuple[DecodePool, Router]:
+    """The decode pool and router of ``config.policy``, warmed up (see ``warm_up``)."""
+    pc = PoolConfig(
+        workers=config.workers,
+        slots_per_worker=config.slots_per_worker,
+        max_len=config.max_len,
+        min_bucket=config.min_bucket,
+    )
+    tasks = sorted(models.prefill)
+    if config.policy == "sun":
+        router = LeastLoaded(config.workers)
+        pool = DecodePool(models.cfg, pc, decode_params=models.decode)
+    else:
+        router = ModelAffine.split(tasks, config.workers)
+        owners = [router.owner(w) for w in range(config.workers)]
+        pool = DecodePool(models.cfg, pc, worker_params=[models.full[m] for m in owners])
+    warm_up(pool, models.decode)
+    return pool, router
+
+
+def warm_up(pool: DecodePool, params: Params) -> None:
+    """Compile prefill for every bucket, insert on every worker, and the decode step, so
+    latencies measure serving and not compilation."""
+    eng = Engine(pool.cfg, pool.config.engine)
+    n = pool.config.min_bucket
+    while True:
+        prefix = eng.prefill(params, [0] * n, sampling_params())
+        for w in range(pool.config.workers):
+            pool.insert(prefix, w, 0)
+        if n >= pool.config.max_len:
+            break
+        n = min(2 * n, pool.config.max_len)
+    pool.set_active(np.zeros(pool.slots, bool))
+    pool.step()
+
+
+def read_requests(path: str, models: Models) -> list[Arrival]:
+    """JSONL: ``{"id", "model", "prompt" (text) | "prompt_ids", "max_tokens", "temperature",
+    "top_k", "top_p", "seed", "stop", "arrival" (s)}`` per line."""
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            d = json.loads(line)
+            if "prompt_ids" in d:
+                prompt = tuple(int(t) for t in d["prompt_ids"])
+            elif models.tokenizer is None:
+                raise ValueError(f"{path}:{n}: text prompt but the model has no tokenizer")
+            else:
+                prompt = tuple(chat_prompt(models.tokenizer, d["prompt"]))
+            req = Request(
+                id=str(d.get("id", f"line-{n}")),
+                model=d["model"],
+                prompt=prompt,
+                max_tokens=int(d.get("max_tokens", 64)),
+                temperature=float(d.get("temperature", 0.0)),
+                top_k=int(d.get("top_k", 0)),
+                top_p=float(d.get("top_p", 1.0)),
+                seed=int(d.get("seed", 0)),
+                stop=tuple(d.get("stop", ())),
+            )
+            out.append(Arrival(at=float(d.get("arrival", 0.0)), request=req))
+    return sorted(out, key=lambda a: a.at)
+
+
+def replay(
+    sched: Scheduler, arrivals: Sequence[Arrival]
+) -> tuple[list[Result], dict[str, str], float]:
+    """Submit each request at its arrival time and run until all are done. Returns the
+    results (arrival order), the refused requests ``{id: error}`` and the wall time (s)."""
+    failed: dict[str, str] = {}
+    start = time.perf_counter()
+    i = 0
+    while i < len(arrivals) or sched.busy:
+        now = time.perf_counter() - start
+        while i < len(arrivals) and arrivals[i].at <= now:
+            a = arrivals[i]
+            try:
+                sched.submit(a.request, arrival=start + a.at)
+            except (ValueError, QueueFull) as e:
+                failed[a.request.id] = str(e)
+            i += 1
+        if sched.busy:
+            sched.step()
+        elif i < len(arrivals):
+            time.sleep(max(0.0, arrivals[i].at - (time.perf_counter() - start)))
+    wall = time.perf_counter() - start
+    results = [sched.results[a.request.id] for a in arrivals if a.request.id in sched.results]
+    return results, failed, wall
+
+
+Summary = dict[str, float | int | str | None]
+
+
+def _pct(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) * 1e3 if len(values) else None
+
+
+def summarize(
+    policy: str,
+    sched: Scheduler,
+    results: Sequence[Result],
+    failed: Mapping[str, str],
+    wall: float,
+) -> Summary:
+    done = [r for r in results if r.finish_reason in ("stop", "length")]
+    tokens = sum(len(r.tokens) for r in done)
+    ttft = [r.ttft for r in done if r.ttft is not None]
+    tpot = [r.tpot for r in done if r.tpot is not None]
+    e2e = [r.e2e for r in done if r.e2e is not None]
+    return {
+        "policy": policy,
+        "router": sched.router.name,
+        "workers": sched.pool.config.workers,
+        "slots_per_worker": sched.pool.config.slots_per_worker,
+        "requests": len(results) + len(failed),
+        "completed": len(done),
+        "cancelled": sum(r.finish_reason == "cancelled" for r in results),
+        "failed": len(failed),
+        "output_tokens": tokens,
+        "decode_steps": sched.decode_steps,
+        "wall_s": wall,
+        "throughput_tok_s": tokens / wall if wall > 0 else None,
+        "ttft_ms_p50": _pct(ttft, 50),
+        "ttft_ms_p99": _pct(ttft, 99),
+        "tpot_ms_p50": _pct(tpot, 50),
+        "tpot_ms_p99": _pct(tpot, 99),
+        "e2e_ms_p50": _pct(e2e, 50),
+        "mean_batch_occupancy": float(sched.occupancy_sum / max(sched.decode_steps, 1)),
+    }
+
+
+def serve_once(
+    config: ServeConfig,
+    models: Models,
+    pool: DecodePool,
+    router: Router,
+    arrivals: Sequence[Arrival],
+) -> tuple[Summary, list[Result]]:
+    """One replay on a built pool (reusable: the pool is idle again afterwards)."""
+    sched = Scheduler(
+        pool,
+        models.prefill,
+        router,
+        tokenizer=models.tokenizer,
+        eos_ids=models.eos_ids,
+        max_queue=config.max_queue,
+    )
+    results, failed, wall = replay(sched, arrivals)
+    return summarize(config.policy, sched, results, failed, wall), results
+
+
+def write_outputs(out_dir: str, results: Sequence[Result], summary: Summary) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "outputs.jsonl"), "w") as f:
+        for r in results:
+            row = {
+                "id": r.id,
+                "model": r.model,
+                "text": r.text,
+                "token_ids": r.tokens,
+                "finish_reason": r.finish_reason,
+                "worker": r.worker,
+                "ttft_s": r.ttft,
+                "tpot_s": r.tpot,
+                "e2e_s": r.e2e,
+            }
+            f.write(json.dumps(row) + "\n")
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+
+
+def load_config(path: str | None, **overrides) -> ServeConfig:
+    data = read_yaml(path) if path else {}
+    return overlay(ServeConfig, data, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="sunjax serve-loop", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", help="configs/serve/<setup>.yaml (default: tiny random SUN)")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--policy", choices=("sun", "conventional"))
+    ap.add_argument("--requests", help="JSONL request file (default: the config's workload)")
+    args = ap.parse_args(argv)
+    config = load_config(args.config, policy=args.policy, requests=args.requests)
+    ensure_cpu_devices(config.workers)
+    models = LOADERS[config.loader](config)
+    if config.requests:
+        arrivals = read_requests(config.requests, models)
+    else:
+        tasks = list(models.prefill)
+        arrivals = make_workload(config.workload_config, tasks, models.cfg.vocab_size)
+    pool, router = build(config, models)
+    summary, results = serve_once(config, models, pool, router, arrivals)
+    write_outputs(args.out, results, summary)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
