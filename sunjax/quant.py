@@ -1,0 +1,315 @@
+"""QSUN: int4 / int8 weight-only quantization of the shared decode tree (RTN or AWQ).
+
+Letters: M calibration tokens (batch x length flattened), D model dim, F ffn dim,
+K a linear layer's input dim, N its output dim, L layers.
+
+Every linear kernel inside the layers (``attn/{q,k,v,o}_proj``, ``mlp/{gate,up,down}_proj``)
+becomes a ``QuantizedWeight``; embeddings, norms and ``lm_head`` stay as they are.
+
+AWQ (Lin et al. 2023), per layer and per group of linears that read the same input:
+
+* calibration: the unquantized model runs ``calib_tokens`` once; every ``Linear``'s input is
+  recorded by intercepting ``Linear.__call__`` with ``flax.linen.intercept_methods`` (no change
+  to the model, and the recorded inputs are exactly what the real forward feeds the matmul);
+* search: for ``alpha`` on a grid over [0, 1], ``s = mean|x| ** alpha`` (normalised to
+  geometric mean 1), the group's output error ``||X W - (X / s) Q(diag(s) W)||^2`` on the
+  recorded inputs is measured and the best ``alpha`` kept (``alpha = 0`` is plain RTN, so AWQ
+  is never worse than RTN on the calibration data);
+* folding, exact before rounding: ``W <- diag(s) W`` and ``1/s`` goes into the op before:
+
+  ========================  ==========================================================
+  q / k / v (one ``s``)     ``input_norm.scale /= s``
+  gate / up (one ``s``)     ``post_attn_norm.scale /= s``
+  down                      ``up_proj`` output columns ``/= s`` (``silu(g) * u`` is linear
+                            in ``u`` per channel)
+  o                         explicit ``ScaledWeight.in_scale = 1/s`` applied to ``x``.
+                            Folding into ``v_proj``'s output columns (exact with the scale
+                            tied over each GQA group) would change the V cache, which in SUN
+                            the decode tree shares with prefill trees that never saw ``s``.
+  ========================  ==========================================================
+
+Not done: AWQ's weight-clipping search, and calibration through already-quantized layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from kernels_pallas.quant_matmul import QuantizedWeight, dequantize, quantize
+from sunjax.config import ModelConfig
+from sunjax.linear import ScaledWeight
+from sunjax.model import Linear, Transformer, check_tokens, forward
+from sunjax.params import stack_layers, unstack_layers
+
+LINEARS = (
+    ("attn", "q_proj"),
+    ("attn", "k_proj"),
+    ("attn", "v_proj"),
+    ("attn", "o_proj"),
+    ("mlp", "gate_proj"),
+    ("mlp", "up_proj"),
+    ("mlp", "down_proj"),
+)
+METHODS = ("rtn", "awq")
+DATA_DIR = pathlib.Path(__file__).parent / "data"
+
+
+# -- text -----------------------------------------------------------------------------------
+def read_text(name: str) -> str:
+    """``sunjax/data/{name}.txt``: ``"heldout"`` (evaluation) or ``"calib"`` (AWQ calibration)."""
+    path = DATA_DIR / f"{name}.txt"
+    if not path.is_file():
+        known = sorted(p.stem for p in DATA_DIR.glob("*.txt"))
+        raise ValueError(f"no text named {name!r} in {DATA_DIR} (known: {known})")
+    return path.read_text(encoding="utf-8")
+
+
+def perplexity(cfg: ModelConfig, params, tokens: Int[Array, " T"], window: int) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows of ``window`` tokens.
+
+    Each window is scored on its own (its first token is context only); a trailing partial
+    window is dropped.
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+    if not 2 <= window <= cfg.max_position_embeddings:
+        raise ValueError(f"{window=} must lie in [2, {cfg.max_position_embeddings}]")
+    n = tokens.shape[0] // window
+    if n == 0:
+        raise ValueError(f"{tokens.shape[0]} tokens are fewer than one {window=}")
+    batch = tokens[: n * window].reshape(n, window)
+    logits = forward(cfg, params, batch)  # [n, window, V]
+    return float(jnp.exp(_mean_nll(logits, jnp.asarray(batch, jnp.int32))))
+
+
+@jax.jit
+def _mean_nll(logits: Float[Array, "B T V"], tokens: Int[Array, "B T"]) -> jax.Array:
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)
+    return jnp.mean(nll)
+
+
+# -- size -----------------------------------------------------------------------------------
+def tree_bytes(params) -> int:
+    """Bytes of every array in the tree (quantized payload, scales and zeros included)."""
+    return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))
+
+
+def bytes_report(params) -> dict[str, float]:
+    """Bytes and logical parameter counts: whole tree and the linear kernels of the layers.
+
+    A quantized ``W[K, N]`` counts ``K * N`` parameters; an AWQ ``in_scale`` counts as bytes
+    only. ``bytes_per_param`` of a bfloat16 tree is 2.0.
+    """
+    total_b = total_p = lin_b = lin_p = 0
+    is_kernel = lambda x: isinstance(x, (QuantizedWeight, ScaledWeight))
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_kernel)[0]:
+        b = tree_bytes(leaf)
+        inner = leaf.weight if isinstance(leaf, ScaledWeight) else leaf
+        p = math.prod(inner.shape)
+        total_b, total_p = total_b + b, total_p + p
+        if str(getattr(path[-1], "key", "")) == "kernel" and "lm_head" not in jax.tree_util.keystr(
+            path
+        ):
+            lin_b, lin_p = lin_b + b, lin_p + p
+    return {
+        "bytes": total_b,
+        "params": total_p,
+        "bytes_per_param": total_b / max(total_p, 1),
+        "linear_bytes": lin_b,
+        "linear_params": lin_p,
+        "linear_bytes_per_param": lin_b / max(lin_p, 1),
+    }
+
+
+# -- quantization ---------------------------------------------------------------------------
+def quantize_tree(
+    cfg: ModelConfig,
+    params,
+    *,
+    bits: int = 4,
+    group_size: int = 128,
+    method: str = "rtn",
+    calib_tokens: Int[Array, "B T"] | None = None,
+    scale_dtype=jnp.float32,
+    grid: int = 20,
+):
+    """The decode tree with every linear kernel of the layers quantized.
+
+    ``method="rtn"``: round-to-nearest. ``method="awq"``: activation-aware scales searched on
+    ``calib_tokens`` (``[B, T]`` or ``[T]`` token ids), folded as in the module docstring,
+    then round-to-nearest. Works on the unrolled and the scanned layer layout.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "awq" and calib_tokens is None:
+        raise ValueError("method='awq' needs calib_tokens, got None")
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    scanned = cfg.scan_layers
+    if scanned:
+        params = unstack_layers(cfg, params)
+        cfg = dataclasses.replace(cfg, scan_layers=False)
+    if method == "awq":
+        params, _ = awq_scale(
+            cfg, params, calib_tokens, bits=bits, group_size=group_size, grid=grid
+        )
+    q = lambda w: quantize(w, bits=bits, group_size=group_size, scale_dtype=scale_dtype)
+    out = dict(params)
+    for i in range(cfg.n_layers):
+        layer = _copy(params[f"layers_{i}"])
+        for mod, name in LINEARS:
+            node = layer[mod][name]
+            k = node["kernel"]
+            if isinstance(k, ScaledWeight):
+                node["kernel"] = ScaledWeight(q(k.weight), k.in_scale)
+            elif isinstance(k, QuantizedWeight):
+                raise ValueError(f"layers_{i}/{mod}/{name} is already quantized")
+            else:
+                node["kernel"] = q(k)
+        out[f"layers_{i}"] = layer
+    return stack_layers(cfg, out) if scanned else out
+
+
+def _copy(tree):
+    """Copy of the nested dicts (leaves shared)."""
+    return {k: _copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def collect_inputs(cfg: ModelConfig, params, tokens: Int[Array, "B T"]) -> dict:
+    """``{"layers_i/attn/q_proj": x [M, K], ...}``: every Linear's input on ``tokens`` (float32).
+
+    Recorded by intercepting ``Linear.__call__`` while the unrolled model runs once.
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    check_tokens(cfg, tokens, max_len=cfg.max_position_embeddings)
+    if cfg.scan_layers:
+        params = unstack_layers(cfg, params)
+        cfg = dataclasses.replace(cfg, scan_layers=False)
+    return _collect(cfg, params, jnp.asarray(tokens, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _collect(cfg: ModelConfig, params, tokens):
+    B, T = tokens.shape
+    seen: dict[str, jax.Array] = {}
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, Linear) and context.method_name == "__call__":
+            x = args[0]
+            seen["/".join(context.module.path)] = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+        return next_fun(*args, **kwargs)
+
+    cache = cfg.init_cache(B, T)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    with nn.intercept_methods(record):
+        Transformer(cfg).apply(
+            {"params": params}, tokens, positions, cache.k, cache.v, cache.lengths
+        )
+    return seen
+
+
+def awq_scale(
+    cfg: ModelConfig,
+    params,
+    calib_tokens: Int[Array, "B T"],
+    *,
+    bits: int = 4,
+    group_size: int = 128,
+    grid: int = 20,
+):
+    """AWQ scales searched and folded; returns ``(params, alphas)``, still unquantized.
+
+    Either layer layout (the result has the layout of ``params``). The returned tree computes
+    the same function as ``params`` up to float rounding (``o_proj`` kernels become
+    ``ScaledWeight``). ``alphas[i]`` maps each group
+    (``"qkv"``, ``"o"``, ``"gate_up"``, ``"down"``) of layer ``i`` to the chosen exponent.
+    """
+    if grid < 1:
+        raise ValueError(f"{grid=} must be >= 1")
+    scanned = cfg.scan_layers
+    if scanned:
+        params = unstack_layers(cfg, params)
+        cfg = dataclasses.replace(cfg, scan_layers=False)
+    xs = collect_inputs(cfg, params, calib_tokens)
+    alphas_grid = jnp.linspace(0.0, 1.0, grid) if grid > 1 else jnp.zeros((1,))
+    search = functools.partial(_search, alphas_grid, bits=bits, group_size=group_size)
+    out = dict(params)
+    alphas = []
+    for i in range(cfg.n_layers):
+        p = _copy(params[f"layers_{i}"])
+        a, m = p["attn"], p["mlp"]
+        x = lambda name, i=i: xs[f"layers_{i}/{name}"]
+        chosen = {}
+
+        # q / k / v  <-  input_norm
+        w = jnp.concatenate([a[n]["kernel"] for n in ("q_proj", "k_proj", "v_proj")], axis=1)
+        s, chosen["qkv"] = search(x("attn/q_proj"), w.astype(jnp.float32))
+        for n in ("q_proj", "k_proj", "v_proj"):
+            a[n]["kernel"] = _scale_rows(a[n]["kernel"], s)
+        p["input_norm"]["scale"] = _div(p["input_norm"]["scale"], s)
+
+        # o  <-  explicit in_scale
+        s, chosen["o"] = search(x("attn/o_proj"), a["o_proj"]["kernel"].astype(jnp.float32))
+        a["o_proj"]["kernel"] = ScaledWeight(_scale_rows(a["o_proj"]["kernel"], s), 1.0 / s)
+
+        # gate / up  <-  post_attn_norm
+        w = jnp.concatenate([m["gate_proj"]["kernel"], m["up_proj"]["kernel"]], axis=1)
+        s, chosen["gate_up"] = search(x("mlp/gate_proj"), w.astype(jnp.float32))
+        for n in ("gate_proj", "up_proj"):
+            m[n]["kernel"] = _scale_rows(m[n]["kernel"], s)
+        p["post_attn_norm"]["scale"] = _div(p["post_attn_norm"]["scale"], s)
+
+        # down  <-  up_proj output columns
+        s, chosen["down"] = search(x("mlp/down_proj"), m["down_proj"]["kernel"].astype(jnp.float32))
+        m["down_proj"]["kernel"] = _scale_rows(m["down_proj"]["kernel"], s)
+        up = m["up_proj"]["kernel"]
+        m["up_proj"]["kernel"] = (up.astype(jnp.float32) / s[None, :]).astype(up.dtype)
+        if "bias" in m["up_proj"]:
+            raise ValueError("awq_scale does not handle an up_proj bias")
+
+        out[f"layers_{i}"] = p
+        alphas.append({k: float(v) for k, v in chosen.items()})
+    return (stack_layers(cfg, out) if scanned else out), alphas
+
+
+def _scale_rows(w: Float[Array, "K N"], s: Float[Array, " K"]) -> jax.Array:
+    return (w.astype(jnp.float32) * s[:, None]).astype(w.dtype)
+
+
+def _div(scale: Float[Array, " K"], s: Float[Array, " K"]) -> jax.Array:
+    return (scale.astype(jnp.float32) / s).astype(scale.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size"))
+def _search(alphas, x: Float[Array, "M K"], w: Float[Array, "K N"], *, bits, group_size):
+    """Best ``s = mean|x|**alpha`` over the grid by ``||x w - (x/s) Q(diag(s) w)||^2``."""
+    hi = jax.lax.Precision.HIGHEST
+    y = jnp.dot(x, w, precision=hi)  # [M, N]
+    mean_abs = jnp.maximum(jnp.mean(jnp.abs(x), axis=0), 1e-8)  # [K]
+
+    def scales(alpha):
+        s = mean_abs**alpha
+        s = s / jnp.sqrt(jnp.max(s) * jnp.min(s))
+        return jnp.maximum(s, 1e-4)
+
+    def error(alpha):
+        s = scales(alpha)
+        wq = dequantize(quantize(w * s[:, None], bits=bits, group_size=group_size))
+        return jnp.mean(jnp.square(jnp.dot(x / s, wq, precision=hi) - y))
+
+    errors = jax.lax.map(error, alphas)
+    best = alphas[jnp.argmin(errors)]
+    return scales(best), best
