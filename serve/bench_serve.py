@@ -80,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     for policy in POLICIES:
         config = dataclasses.replace(base, policy=policy)
         pool, router = build(config, models)
+        warm = dataclasses.replace(config, workload=dict(base.workload, requests=16))
+        serve_once(
+            config,
+            models,
+            pool,
+            router,
+            make_workload(warm.workload_config, tasks, models.cfg.vocab_size),
+        )
         for alpha in alphas:
             wl = dict(base.workload, zipf_alpha=alpha)
             if args.requests:
