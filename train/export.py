@@ -44,9 +44,11 @@ def export(
     prefill: dict[str, dict],
     *,
     tokenizer_source: str,
+    tokenizer=None,
     metadata: dict | None = None,
 ) -> str:
-    """Write a new complete version under ``root``; returns its directory."""
+    """Write a new complete version under ``root``; returns its directory. A ``tokenizer``
+    (transformers) is saved inside the version, making the export self-contained."""
     if not prefill:
         raise ValueError("an export needs at least one task prefill module")
     for task in prefill:
@@ -61,10 +63,13 @@ def export(
     for task, tree in prefill.items():
         ckpt.save(os.path.join(vdir, "prefill", task), tree)
     ckpt.wait_until_finished()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(os.path.join(vdir, "tokenizer"))
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "model_config": cfg.to_dict(),
         "tokenizer_source": tokenizer_source,
+        "tokenizer": "tokenizer" if tokenizer is not None else None,
         "param_dtype": cfg.param_dtype,
         "decode_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(decode_params)}),
         "tasks": sorted(prefill),
@@ -90,8 +95,12 @@ def latest(root: str) -> str:
 
 
 def read_manifest(root: str) -> dict:
+    """The newest manifest; its ``tokenizer`` entry resolved to an absolute path."""
     with open(os.path.join(latest(root), "manifest.json")) as f:
-        return json.load(f)
+        manifest = json.load(f)
+    if manifest.get("tokenizer"):
+        manifest["tokenizer"] = os.path.join(latest(root), manifest["tokenizer"])
+    return manifest
 
 
 def load_decode(root: str):

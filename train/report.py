@@ -88,7 +88,7 @@ def run_report(
             for col, (pre, dec) in pairs.items()
         }
         rows[name]["seconds"] = time.perf_counter() - t0
-        trained[name] = sun
+        trained[name] = {"sun": sun, "full": full}
     report = {
         "model": cfg.to_dict(),
         "steps": steps,
