@@ -174,7 +174,9 @@ def build(config: ServeConfig, models: Models) -> tuple[DecodePool, Router]:
         router = ModelAffine.split(tasks, config.workers)
         owners = [router.owner(w) for w in range(config.workers)]
         pool = DecodePool(models.cfg, pc, worker_params=[models.full[m] for m in owners])
-    warm_up(pool, models.decode)
+    # prefill runs the (plain) task trees; the decode tree may be quantized (QSUN), and
+    # prefilling with it would compile a program serving never runs
+    warm_up(pool, models.prefill[tasks[0]])
     return pool, router
 
 

@@ -5,13 +5,20 @@ Layout of an export root::
     <root>/LATEST                 name of the newest complete version (atomically replaced)
     <root>/v<N>/decode/           the shared decode tree (Orbax, tensorstore; no pickle)
     <root>/v<N>/prefill/<task>/   one prefill tree per task
-    <root>/v<N>/manifest.json     config, tokenizer source, dtypes, tasks, training metadata
-                                  and the sha256 fingerprint of the decode tree
+    <root>/v<N>/manifest.json     config, tokenizer source, dtypes, tasks, training metadata,
+                                  the sha256 fingerprint of the decode tree and how it is
+                                  quantized (``decode_quant``, null for a plain tree)
 
 A version becomes visible only when ``LATEST`` names it, after everything is written, so an
 export killed half-way leaves the previous one readable and is never listed as complete.
 Prefill modules are bound to the decode tree they were trained against: loading one against
 a decode tree with another fingerprint raises ``ValueError``.
+
+QSUN: the decode tree may be quantized (``sunjax.quant.quantize_tree``: ``QuantizedWeight``
+kernels, and for AWQ ``o_proj`` kernels wrapped in ``ScaledWeight``). The manifest's
+``decode_quant`` (``{"bits", "group_size", "method", "scale_dtype"}``) is enough to rebuild the
+exact abstract tree (``abstract_decode``), so Orbax restores it bitwise. Prefill modules are
+always plain trees.
 """
 
 from __future__ import annotations
@@ -22,19 +29,113 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from kernels_pallas.quant_matmul import QuantizedWeight
 from sunjax.config import ModelConfig
+from sunjax.linear import ScaledWeight
 from sunjax.model import init_params
 from sunjax.sun import fingerprint
 
 MANIFEST_VERSION = 1
+QUANT_KEYS = ("bits", "group_size", "method", "scale_dtype")
 
 
 def _versions(root: str) -> list[int]:
     if not os.path.isdir(root):
         return []
     return sorted(int(m.group(1)) for d in os.listdir(root) if (m := re.fullmatch(r"v(\d+)", d)))
+
+
+def _is_kernel(x) -> bool:
+    return isinstance(x, (QuantizedWeight, ScaledWeight))
+
+
+def decode_quant_of(tree) -> dict | None:
+    """``{"bits", "group_size", "method", "scale_dtype"}`` read off a decode tree's leaves, or
+    ``None`` for a plain tree. ``group_size`` is ``None`` for int8 (per output column);
+    ``method`` is ``"awq"`` when ``ScaledWeight`` kernels are present, else ``"rtn"``."""
+    kernels = [x for x in jax.tree.leaves(tree, is_leaf=_is_kernel) if _is_kernel(x)]
+    if not kernels:
+        return None
+    qws = [k.weight if isinstance(k, ScaledWeight) else k for k in kernels]
+    if not all(isinstance(q, QuantizedWeight) for q in qws):
+        raise ValueError("decode tree mixes plain and quantized kernels: cannot describe it")
+    bits = {q.bits for q in qws}
+    scale_dtypes = {str(q.scales.dtype) for q in qws}
+    groups = {None} if bits == {8} else {q.group_size for q in qws}
+    if len(bits) != 1 or len(scale_dtypes) != 1 or len(groups) != 1:
+        raise ValueError(
+            f"decode tree is not uniformly quantized (bits {sorted(bits)}, group sizes "
+            f"{sorted(groups, key=str)}, scale dtypes {sorted(scale_dtypes)})"
+        )
+    return {
+        "bits": bits.pop(),
+        "group_size": groups.pop(),
+        "method": "awq" if any(isinstance(k, ScaledWeight) for k in kernels) else "rtn",
+        "scale_dtype": scale_dtypes.pop(),
+    }
+
+
+def _normalize_quant(quant: dict | None) -> dict | None:
+    if quant is None:
+        return None
+    if set(quant) != set(QUANT_KEYS):
+        raise ValueError(f"decode_quant must have exactly the keys {QUANT_KEYS}, got {quant}")
+    quant = dict(quant)
+    quant["bits"] = int(quant["bits"])
+    quant["group_size"] = None if quant["bits"] == 8 else int(quant["group_size"])
+    quant["scale_dtype"] = str(jnp.dtype(quant["scale_dtype"]))
+    if quant["method"] not in ("rtn", "awq"):
+        raise ValueError(f"decode_quant method must be 'rtn' or 'awq', got {quant['method']!r}")
+    return quant
+
+
+def abstract_decode(cfg: ModelConfig, quant: dict | None):
+    """The abstract (``ShapeDtypeStruct``) decode tree of ``cfg`` quantized as ``quant``
+    (a manifest's ``decode_quant``): the Orbax restore target."""
+    from sunjax.quant import quantize_tree  # heavy import, only for quantized exports
+
+    quant = _normalize_quant(quant)
+
+    def build():
+        params = init_params(cfg, jax.random.PRNGKey(0))
+        if quant is None:
+            return params
+        if quant["method"] == "awq":  # same structure as awq_scale's: o_proj in ScaledWeight
+            params = dict(params)
+            for name in [k for k in params if re.fullmatch(r"layers(_\d+)?", k)]:
+                layer = {**params[name], "attn": dict(params[name]["attn"])}
+                o = dict(layer["attn"]["o_proj"])
+                w = o["kernel"]
+                o["kernel"] = ScaledWeight(w, jnp.ones(w.shape[:-1], jnp.float32))
+                layer["attn"]["o_proj"] = o
+                params[name] = layer
+        return quantize_tree(
+            cfg,
+            params,
+            bits=quant["bits"],
+            group_size=quant["group_size"] or 128,
+            method="rtn",
+            scale_dtype=jnp.dtype(quant["scale_dtype"]),
+        )
+
+    return jax.eval_shape(build)
+
+
+def _check_restorable(cfg: ModelConfig, tree, quant: dict | None) -> None:
+    """Raise unless ``abstract_decode(cfg, quant)`` has ``tree``'s structure, shapes, dtypes."""
+    want = abstract_decode(cfg, quant)
+    got = jax.eval_shape(lambda: tree)
+    if jax.tree.structure(want) != jax.tree.structure(got) or any(
+        (a.shape, a.dtype) != (b.shape, b.dtype)
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True)
+    ):
+        raise ValueError(
+            f"the decode tree does not have the layout of a decode tree quantized as "
+            f"decode_quant={quant} for this config, so it could not be restored exactly"
+        )
 
 
 def export(
@@ -46,14 +147,28 @@ def export(
     tokenizer_source: str,
     tokenizer=None,
     metadata: dict | None = None,
+    decode_quant: dict | None = None,
 ) -> str:
     """Write a new complete version under ``root``; returns its directory. A ``tokenizer``
-    (transformers) is saved inside the version, making the export self-contained."""
+    (transformers) is saved inside the version, making the export self-contained.
+
+    ``decode_quant`` (``{"bits", "group_size", "method", "scale_dtype"}``) says how the decode
+    tree is quantized; ``None`` infers it from the tree's leaves (``decode_quant_of``). Either
+    way it is checked against the tree before anything is written."""
     if not prefill:
         raise ValueError("an export needs at least one task prefill module")
     for task in prefill:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", task):
             raise ValueError(f"task name {task!r} must match [A-Za-z0-9_.-]+")
+    inferred = decode_quant_of(decode_params)
+    quant = inferred if decode_quant is None else _normalize_quant(decode_quant)
+    if quant != inferred:
+        raise ValueError(f"decode_quant={quant} but the decode tree is quantized as {inferred}")
+    if quant is not None:
+        _check_restorable(cfg, decode_params, quant)
+    for task, tree in prefill.items():
+        if decode_quant_of(tree) is not None:
+            raise ValueError(f"prefill module {task!r} is quantized; prefill trees must be plain")
     root = os.path.abspath(root)
     os.makedirs(root, exist_ok=True)
     version = f"v{(_versions(root) or [0])[-1] + 1}"
@@ -74,6 +189,7 @@ def export(
         "decode_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(decode_params)}),
         "tasks": sorted(prefill),
         "decode_fingerprint": fingerprint(decode_params),
+        "decode_quant": quant,
         "metadata": metadata or {},
     }
     with open(os.path.join(vdir, "manifest.json"), "w") as f:
@@ -107,7 +223,7 @@ def load_decode(root: str):
     """``(cfg, decode_tree, manifest)`` of the newest export."""
     manifest = read_manifest(root)
     cfg = ModelConfig.from_dict(manifest["model_config"])
-    abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    abstract = abstract_decode(cfg, manifest.get("decode_quant"))
     tree = ocp.StandardCheckpointer().restore(os.path.join(latest(root), "decode"), abstract)
     if fingerprint(tree) != manifest["decode_fingerprint"]:
         raise ValueError(f"decode tree in {latest(root)!r} does not match its manifest")
@@ -122,9 +238,15 @@ def load_prefill(root: str, task: str, decode_params) -> dict:
         raise ValueError(f"task {task!r} is not in the export; it has {manifest['tasks']}")
     got = fingerprint(decode_params)
     if got != manifest["decode_fingerprint"]:
+        want_q, got_q = manifest.get("decode_quant"), decode_quant_of(decode_params)
+        why = (
+            f" (the export's decode tree is quantized as {want_q}, the given one as {got_q})"
+            if want_q != got_q
+            else ""
+        )
         raise ValueError(
             f"prefill module {task!r} was trained against decode tree "
-            f"{manifest['decode_fingerprint'][:12]}, not {got[:12]}: refusing to pair them"
+            f"{manifest['decode_fingerprint'][:12]}, not {got[:12]}{why}: refusing to pair them"
         )
     cfg = ModelConfig.from_dict(manifest["model_config"])
     abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
