@@ -7,6 +7,12 @@
 * naive  — the full-FT tree as prefill module paired with the untouched base as decode module;
 * sun    — a prefill module trained through the frozen base decode module (SUN).
 
+With ``--qsun`` two columns more (QSUN: the decode module is the base quantized to int4 with
+AWQ, group 64):
+
+* sun+q  — the SUN prefill module paired with the quantized decode module, no retraining;
+* qsun   — a prefill module trained through the quantized decode module.
+
 Writes ``DIR/report.json`` and ``DIR/report.md``.
 """
 
@@ -24,7 +30,33 @@ from train.tasks import TASKS
 from train.trainer import TrainConfig, train
 
 COLUMNS = ("base", "full", "naive", "sun")
+QSUN_COLUMNS = ("sun+q", "qsun")
+TITLES = {
+    "base": "base zero-shot",
+    "full": "full FT",
+    "naive": "naive pairing",
+    "sun": "SUN",
+    "sun+q": "SUN + int4 decode (no retraining)",
+    "qsun": "QSUN",
+}
 SHAPES = {"arith": (64, 32), "code": (64, 32), "tool": (96, 48)}  # prompt_len, response_len
+
+
+def quantized_decode(cfg, params, tok, *, group_size: int = 64, seed: int = 0):
+    """The base quantized to int4 with AWQ, calibrated on the general pretraining mixture."""
+    import jax.numpy as jnp
+
+    from sunjax.quant import quantize_tree
+    from train.pretrain import corpus
+
+    text = "".join(
+        tok.apply_chat_template(list(m) + [{"role": "assistant", "content": r}], tokenize=False)
+        for m, r in corpus(64, seed + 1)
+    )
+    calib = jnp.asarray(tok.encode(text, add_special_tokens=False)[:512])[None]
+    return quantize_tree(
+        cfg, params, bits=4, group_size=group_size, method="awq", calib_tokens=calib
+    )
 
 
 def run_report(
@@ -35,9 +67,12 @@ def run_report(
     n_test: int,
     seed: int,
     base=None,
+    qsun: bool = False,
     progress: bool = True,
 ) -> dict:
     cfg, base_params, tok = base or tiny_base(progress=progress)
+    columns = COLUMNS + (QSUN_COLUMNS if qsun else ())
+    qdec = quantized_decode(cfg, base_params, tok, seed=seed) if qsun else None
     rows = {}
     trained = {}
     for name, task in TASKS.items():
@@ -83,6 +118,18 @@ def run_report(
             "naive": (full, base_params),
             "sun": (sun, base_params),
         }
+        if qsun:
+            qs, _ = train(
+                cfg,
+                tc,
+                base_params,
+                enc.batch,
+                len(enc.pairs),
+                decode_params=qdec,
+                desc=f"{name}: QSUN",
+                progress=progress,
+            )
+            pairs.update({"sun+q": (sun, qdec), "qsun": (qs, qdec)})
         rows[name] = {
             col: evaluate(cfg, pre, dec, tok, test, max_new_tokens=r_len)
             for col, (pre, dec) in pairs.items()
@@ -95,8 +142,10 @@ def run_report(
         "n_train": n_train,
         "n_test": n_test,
         "seed": seed,
-        "accuracy": {t: {c: rows[t][c]["accuracy"] for c in COLUMNS} for t in rows},
-        "samples": {t: {c: rows[t][c]["samples"] for c in COLUMNS} for t in rows},
+        "columns": list(columns),
+        "accuracy": {t: {c: rows[t][c]["accuracy"] for c in columns} for t in rows},
+        "samples": {t: {c: rows[t][c]["samples"] for c in columns} for t in rows},
+        "seconds": {t: rows[t]["seconds"] for t in rows},
     }
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "report.json"), "w") as f:
@@ -113,11 +162,12 @@ def markdown(report: dict) -> str:
         f"Accuracy (%, greedy, {report['n_test']} test examples per task; {report['steps']} "
         f"steps of fine-tuning, seed {report['seed']})",
         "",
-        "| task | base zero-shot | full FT | naive pairing | SUN |",
-        "|---|---|---|---|---|",
+        "| task | " + " | ".join(TITLES[c] for c in report["columns"]) + " |",
+        "|---" * (len(report["columns"]) + 1) + "|",
     ]
     for task, acc in report["accuracy"].items():
-        lines.append(f"| {task} | " + " | ".join(f"{100 * acc[c]:.1f}" for c in COLUMNS) + " |")
+        cells = " | ".join(f"{100 * acc[c]:.1f}" for c in report["columns"])
+        lines.append(f"| {task} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -128,9 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-test", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--qsun", action="store_true", help="add the QSUN columns")
     args = p.parse_args(argv)
     report = run_report(
-        out=args.out, steps=args.steps, n_train=args.n_train, n_test=args.n_test, seed=args.seed
+        out=args.out,
+        steps=args.steps,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        seed=args.seed,
+        qsun=args.qsun,
     )
     print(markdown(report))
     print(f"wrote {args.out}/report.json and report.md")

@@ -104,7 +104,7 @@ def test_200_requests_with_cancellations_all_accounted(tiny, sun_pool):
                 seed=i,
             )
         )
-    to_cancel = {r.id for r in reqs[::7]}
+    to_cancel = [r.id for r in reqs[::7]]  # cancelled in submission order: deterministic
     for r in reqs:
         sched.submit(r)
     steps = 0
@@ -112,7 +112,7 @@ def test_200_requests_with_cancellations_all_accounted(tiny, sun_pool):
         sched.step()
         steps += 1
         if steps % 3 == 0 and to_cancel:
-            sched.cancel(to_cancel.pop())
+            sched.cancel(to_cancel.pop(0))
     assert set(sched.results) == {r.id for r in reqs}
     for r in reqs:
         res = sched.results[r.id]
