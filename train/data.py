@@ -23,9 +23,17 @@ class Encoded:
         return make_batch([self.pairs[i] for i in indices], self.prompt_len, self.response_len)
 
 
-def encode_pairs(tokenizer, pairs: list[tuple], *, prompt_len: int, response_len: int) -> Encoded:
+def _fit(n: int) -> int:
+    """``n`` rounded up to a multiple of 16 (fewer distinct compiled shapes)."""
+    return -(-n // 16) * 16
+
+
+def encode_pairs(
+    tokenizer, pairs: list[tuple], *, prompt_len: int | None, response_len: int | None
+) -> Encoded:
     """Tokenize ``(chat messages, target text)`` pairs: prompt with the chat template and a
-    generation prompt, response = target + EOS. Examples that do not fit raise ValueError."""
+    generation prompt, response = target + EOS. Examples that do not fit raise ValueError;
+    a length of None means the longest example's, rounded up to a multiple of 16."""
     eos = eos_ids(tokenizer)[0]
     out = []
     for messages, target in pairs:
@@ -36,6 +44,8 @@ def encode_pairs(tokenizer, pairs: list[tuple], *, prompt_len: int, response_len
         out.append((prompt, tokenizer.encode(target, add_special_tokens=False) + [eos]))
     longest_p = max(len(p) for p, _ in out)
     longest_r = max(len(r) for _, r in out)
+    prompt_len = _fit(longest_p) if prompt_len is None else prompt_len
+    response_len = _fit(longest_r) if response_len is None else response_len
     if longest_p > prompt_len or longest_r > response_len:
         raise ValueError(
             f"examples need prompt_len >= {longest_p} and response_len >= {longest_r}, "
@@ -44,7 +54,9 @@ def encode_pairs(tokenizer, pairs: list[tuple], *, prompt_len: int, response_len
     return Encoded(pairs=out, prompt_len=prompt_len, response_len=response_len)
 
 
-def encode(tokenizer, examples: list[Example], *, prompt_len: int, response_len: int) -> Encoded:
+def encode(
+    tokenizer, examples: list[Example], *, prompt_len: int | None, response_len: int | None
+) -> Encoded:
     """``encode_pairs`` over task examples."""
     return encode_pairs(
         tokenizer,

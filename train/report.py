@@ -25,6 +25,7 @@ import time
 
 from train.data import encode
 from train.evaluate import evaluate
+from train.launch import load_base
 from train.pretrain import tiny_base
 from train.tasks import TASKS
 from train.trainer import TrainConfig, train
@@ -39,7 +40,6 @@ TITLES = {
     "sun+q": "SUN + int4 decode (no retraining)",
     "qsun": "QSUN",
 }
-SHAPES = {"arith": (64, 32), "code": (64, 32), "tool": (96, 48)}  # prompt_len, response_len
 
 
 def quantized_decode(cfg, params, tok, *, group_size: int = 64, seed: int = 0):
@@ -68,6 +68,9 @@ def run_report(
     seed: int,
     base=None,
     qsun: bool = False,
+    batch_size: int = 16,
+    learning_rate: float = 2e-3,
+    difficulty: str = "tiny",
     progress: bool = True,
 ) -> dict:
     cfg, base_params, tok = base or tiny_base(progress=progress)
@@ -76,19 +79,18 @@ def run_report(
     rows = {}
     trained = {}
     for name, task in TASKS.items():
-        p_len, r_len = SHAPES[name]
         enc = encode(
             tok,
-            task.generate(n_train, split="train", seed=seed, difficulty="tiny"),
-            prompt_len=p_len,
-            response_len=r_len,
+            task.generate(n_train, split="train", seed=seed, difficulty=difficulty),
+            prompt_len=None,
+            response_len=None,
         )
-        test = task.generate(n_test, split="test", seed=seed, difficulty="tiny")
+        test = task.generate(n_test, split="test", seed=seed, difficulty=difficulty)
         tc = TrainConfig(
             mode="sun",
             steps=steps,
-            batch_size=16,
-            learning_rate=2e-3,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
             warmup_steps=steps // 10,
             seed=seed,
         )
@@ -131,7 +133,7 @@ def run_report(
             )
             pairs.update({"sun+q": (sun, qdec), "qsun": (qs, qdec)})
         rows[name] = {
-            col: evaluate(cfg, pre, dec, tok, test, max_new_tokens=r_len)
+            col: evaluate(cfg, pre, dec, tok, test, max_new_tokens=enc.response_len)
             for col, (pre, dec) in pairs.items()
         }
         rows[name]["seconds"] = time.perf_counter() - t0
@@ -179,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--qsun", action="store_true", help="add the QSUN columns")
+    p.add_argument("--model", default="tiny", help="'tiny' (pretrained here) or 'smollm2'")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--difficulty", default="tiny")
     args = p.parse_args(argv)
     report = run_report(
         out=args.out,
@@ -187,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         n_test=args.n_test,
         seed=args.seed,
         qsun=args.qsun,
+        base=None if args.model == "tiny" else load_base(args.model)[:3],
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        difficulty=args.difficulty,
     )
     print(markdown(report))
     print(f"wrote {args.out}/report.json and report.md")
