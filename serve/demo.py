@@ -41,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg, base, tok, tok_source = load_base(args.model)
 
     print(f"[2/4] fine-tuning 3 tasks x (SUN, full FT), {args.steps} steps each")
+    tiny = args.model == "tiny"  # the real model wants a smaller step and batch on a CPU
     report = run_report(out=os.path.join(out, "report"), steps=args.steps, n_train=2000,
-                        n_test=args.n_test, seed=0, base=(cfg, base, tok))
+                        n_test=args.n_test, seed=0, base=(cfg, base, tok),
+                        batch_size=16 if tiny else 8, learning_rate=2e-3 if tiny else 1e-4)
     trained = report["_trained"]
 
     print("[3/4] exporting the shared decode tree and the task prefill modules (Orbax)")
