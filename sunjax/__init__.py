@@ -8,6 +8,7 @@ from sunjax.cache import KVCache
 from sunjax.config import ModelConfig, RopeScaling
 from sunjax.model import Transformer, decode_step, extend, forward, init_params, prefill
 from sunjax.params import param_count, stack_layers, unstack_layers
+from sunjax.sun import SunParams, fingerprint, merge, split, sun_loss
 from sunjax.weights_gguf import load_gguf
 from sunjax.weights_hf import load_hf
 
@@ -25,5 +26,10 @@ __all__ = [
     "param_count",
     "prefill",
     "stack_layers",
+    "SunParams",
+    "fingerprint",
+    "merge",
+    "split",
+    "sun_loss",
     "unstack_layers",
 ]
