@@ -15,18 +15,9 @@ from kernels_pallas.quant_matmul import QuantizedWeight
 from sunjax.linear import ScaledWeight
 from sunjax.quant import quantize_tree
 from sunjax.sun import fingerprint
+from tests.train.test_trainer import CFG  # the same tiny model
 from train.export import export, latest, load_decode, load_export, load_prefill
 
-CFG = sunjax.ModelConfig(
-    vocab_size=40,
-    d_model=32,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    head_dim=8,
-    ffn_dim=64,
-    max_position_embeddings=64,
-)
 GROUP = 32
 
 
