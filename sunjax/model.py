@@ -220,6 +220,8 @@ class Transformer(nn.Module):
         # logits_at: None (all T positions) or [B] index of the one position to score.
         x = self.embed(tokens)
         if self.cfg.scan_layers:
+            # Stacking the per-layer caches copies them once per call: scan is the fast-compiling
+            # layout for training, unrolled layers the in-place one for decode.
             x, (ks, vs) = self.layers(x, (jnp.stack(ks), jnp.stack(vs)), positions, start)
             ks, vs = tuple(ks), tuple(vs)
         else:
