@@ -64,12 +64,9 @@ class TrainState:
 
 
 def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    warmup = min(tc.warmup_steps, tc.steps - 1)  # a run shorter than its warmup still decays
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0,
-        tc.learning_rate,
-        min(tc.warmup_steps, tc.steps - 1) or 1,
-        tc.steps,
-        end_value=tc.learning_rate * 0.1,
+        0.0, tc.learning_rate, warmup, max(tc.steps, warmup + 1), end_value=tc.learning_rate * 0.1
     )
     tx = optax.chain(
         optax.clip_by_global_norm(tc.grad_clip),

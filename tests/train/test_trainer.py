@@ -150,3 +150,12 @@ def test_export_round_trip_fingerprint_and_interrupted_export(tmp_path, base):
     chex.assert_trees_all_equal(load_export(tmp_path / "exp")[2], pre)
     no_pickle = [f for d, _, fs in os.walk(v1) for f in fs if f.endswith((".pkl", ".pickle"))]
     assert not no_pickle
+
+
+def test_run_shorter_than_its_warmup(base):
+    pairs = toy_pairs(8)
+    tc = TrainConfig(mode="sun", steps=1, batch_size=4, warmup_steps=20)
+    _, history = train(
+        CFG, tc, base, batcher(pairs), len(pairs), decode_params=base, progress=False
+    )
+    assert len(history) == 1 and np.isfinite(history[0]["loss"])
