@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         first["decode"],
         {r["meta"]["task"]: r["params"] for r in runs},
         tokenizer_source=first["meta"]["tokenizer_source"],
+        tokenizer=first["tokenizer"],
         metadata={r["meta"]["task"]: r["meta"] for r in runs},
     )
     print(f"exported {len(runs)} task(s) to {vdir}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 
@@ -41,8 +42,9 @@ class RunConfig:
         get_task(self.task)
 
 
+@functools.lru_cache(maxsize=2)
 def load_base(base: str):
-    """``(cfg, params, tokenizer, tokenizer_source)``."""
+    """``(cfg, params, tokenizer, tokenizer_source)``, loaded once per process."""
     if base == "tiny":
         from train.pretrain import tiny_base
 
@@ -96,16 +98,16 @@ def run(rc: RunConfig, *, progress: bool = True) -> dict:
 
 
 def load_run(out: str) -> dict:
-    """A finished run: ``{"cfg", "params", "decode", "meta"}``."""
+    """A finished run: ``{"cfg", "params", "decode", "tokenizer", "meta"}``."""
     with open(os.path.join(out, "run.json")) as f:
         meta = json.load(f)
-    cfg, base, _, _ = load_base(meta["base"])
+    cfg, base, tok, _ = load_base(meta["base"])
     abstract = jax.eval_shape(lambda: base)
     params = ocp.StandardCheckpointer().restore(
         os.path.abspath(os.path.join(out, "params")), abstract
     )
     decode = base if meta["mode"] == "sun" else params
-    return {"cfg": cfg, "params": params, "decode": decode, "meta": meta}
+    return {"cfg": cfg, "params": params, "decode": decode, "tokenizer": tok, "meta": meta}
 
 
 def main(argv: list[str] | None = None) -> int:
