@@ -19,6 +19,7 @@ Writes ``DIR/report.json`` and ``DIR/report.md``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -97,7 +98,7 @@ def run_report(
         t0 = time.perf_counter()
         full, _ = train(
             cfg,
-            tc.__class__(**{**tc.__dict__, "mode": "full"}),
+            dataclasses.replace(tc, mode="full"),
             base_params,
             enc.batch,
             len(enc.pairs),
