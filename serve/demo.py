@@ -42,26 +42,50 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"[2/4] fine-tuning 3 tasks x (SUN, full FT), {args.steps} steps each")
     tiny = args.model == "tiny"  # the real model wants a smaller step and batch on a CPU
-    report = run_report(out=os.path.join(out, "report"), steps=args.steps, n_train=2000,
-                        n_test=args.n_test, seed=0, base=(cfg, base, tok),
-                        batch_size=16 if tiny else 8, learning_rate=2e-3 if tiny else 1e-4)
+    report = run_report(
+        out=os.path.join(out, "report"),
+        steps=args.steps,
+        n_train=2000,
+        n_test=args.n_test,
+        seed=0,
+        base=(cfg, base, tok),
+        batch_size=16 if tiny else 8,
+        learning_rate=2e-3 if tiny else 1e-4,
+    )
     trained = report["_trained"]
 
     print("[3/4] exporting the shared decode tree and the task prefill modules (Orbax)")
-    vdir = export(os.path.join(out, "export"), cfg, base,
-                  {t: m["sun"] for t, m in trained.items()},
-                  tokenizer_source=tok_source, tokenizer=tok,
-                  metadata={"steps": args.steps, "accuracy": report["accuracy"]})
+    vdir = export(
+        os.path.join(out, "export"),
+        cfg,
+        base,
+        {t: m["sun"] for t, m in trained.items()},
+        tokenizer_source=tok_source,
+        tokenizer=tok,
+        metadata={"steps": args.steps, "accuracy": report["accuracy"]},
+    )
 
     print("[4/4] serving mixed traffic: SUN shared pool vs conventional per-model workers")
     summaries = {}
     for policy in ("sun", "conventional"):
-        config = ServeConfig(policy=policy, loader="export", export=os.path.join(out, "export"),
-                             workers=workers, slots_per_worker=8, max_len=128)
+        config = ServeConfig(
+            policy=policy,
+            loader="export",
+            export=os.path.join(out, "export"),
+            workers=workers,
+            slots_per_worker=8,
+            max_len=128,
+        )
         models = load_from_export(config)
         models.full = {t: m["full"] for t, m in trained.items()}
-        wl = WorkloadConfig(requests=args.requests, rate=1000.0, zipf_alpha=1.0,
-                            prompt_len=(8, 48), output_len=(16, 48), seed=0)
+        wl = WorkloadConfig(
+            requests=args.requests,
+            rate=1000.0,
+            zipf_alpha=1.0,
+            prompt_len=(8, 48),
+            output_len=(16, 48),
+            seed=0,
+        )
         arrivals = make_workload(wl, list(models.prefill), cfg.vocab_size)
         pool, router = build(config, models)
         serve_once(config, models, pool, router, arrivals[: workers * 2])  # compile, untimed
@@ -72,12 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(markdown(report))
     if tiny:
-        print("The tiny base is too weak a decode module for SUN: its frozen layers cannot copy\n"
-              "names and values out of another module's KV (full FT can, by changing them).\n"
-              "With a real pretrained model SUN matches full fine-tuning: see\n"
-              "reports/smollm2-cpu/report.md (SmolLM2-135M), or `sunjax demo --model smollm2`.\n")
-    keys = ("completed", "output_tokens", "decode_steps", "mean_batch_occupancy",
-            "throughput_tok_s", "tpot_ms_p50", "ttft_ms_p50")
+        print(
+            "The tiny base is too weak a decode module for SUN: its frozen layers cannot copy\n"
+            "names and values out of another module's KV (full FT can, by changing them).\n"
+            "With a real pretrained model SUN matches full fine-tuning: see\n"
+            "reports/smollm2-cpu/report.md (SmolLM2-135M), or `sunjax demo --model smollm2`.\n"
+        )
+    keys = (
+        "completed",
+        "output_tokens",
+        "decode_steps",
+        "mean_batch_occupancy",
+        "throughput_tok_s",
+        "tpot_ms_p50",
+        "ttft_ms_p50",
+    )
     print("| policy | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     for policy, s in summaries.items():

@@ -3,7 +3,8 @@
 Letters: B decode slots, T bucketed prompt length, S cache positions, V vocab.
 
 * ``prefill(params, tokens, true_length, sampling) -> Prefix``: a task's prefill tree reads one
-  prompt (right-padded to a power-of-two bucket) and returns its batch-1 KV cache and first token.
+  prompt (right-padded to a ``sunjax.generate.bucket`` length) and returns its batch-1 KV
+  cache and first token.
 * ``insert(prefix, state, slot) -> state``: copies a prefix into a free decode slot (jitted,
   the decode state donated).
 * ``generate(params, state) -> (state, tokens [B])``: one decode step of every slot with the

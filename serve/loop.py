@@ -31,6 +31,7 @@ from serve.workload import Arrival, WorkloadConfig, make_workload
 from sunjax import hub, init_params
 from sunjax.config import ModelConfig
 from sunjax.configs import load_model_config, overlay, read_yaml
+from sunjax.generate import buckets
 from sunjax.sun import fingerprint
 from sunjax.tokenizer import chat_prompt, eos_ids, load_tokenizer
 
@@ -184,14 +185,10 @@ def warm_up(pool: DecodePool, params: Params) -> None:
     """Compile prefill for every bucket, insert on every worker, and the decode step, so
     latencies measure serving and not compilation."""
     eng = Engine(pool.cfg, pool.config.engine)
-    n = pool.config.min_bucket
-    while True:
-        prefix = eng.prefill(params, [0] * n, sampling_params())
+    for n in buckets(pool.config.min_bucket, pool.config.max_len):
+        prefix = eng.prefill(params, [0] * min(n, pool.config.max_len), sampling_params())
         for w in range(pool.config.workers):
             pool.insert(prefix, w, 0)
-        if n >= pool.config.max_len:
-            break
-        n = min(2 * n, pool.config.max_len)
     pool.set_active(np.zeros(pool.slots, bool))
     pool.step()
 

@@ -76,8 +76,14 @@ def generate_main(argv: list[str]) -> int:
         cfg, params, tok = hub.load(args.model)
         ids = chat_prompt(tok, args.prompt, system=args.system)
         out = generate(
-            cfg, params, [ids], max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            cfg,
+            params,
+            [ids],
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
             eos_ids=eos_ids(tok),
         )
     except (ValueError, RuntimeError) as e:

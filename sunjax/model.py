@@ -139,8 +139,10 @@ class Attention(nn.Module):
             mask &= key_pos > positions[:, :, None] - cfg.sliding_window
         scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.jnp_dtype)
-        out = jnp.einsum("bkgts,bksh->btkgh", probs, v_cache.astype(cfg.jnp_dtype))
-        out = out.reshape(B, T, N * H)
+        # Batch dims (b, k) leading in the output as in the operands, then one transpose: XLA:CPU
+        # ran this as a plain batched matmul (SmolLM2 decode, B=16: 0.18 vs 0.34 ms per layer).
+        out = jnp.einsum("bkgts,bksh->bkgth", probs, v_cache.astype(cfg.jnp_dtype))
+        out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, N * H)
         out = Linear(
             cfg.d_model,
             use_bias=cfg.o_bias,

@@ -28,7 +28,19 @@ AWQ (Lin et al. 2023), per layer and per group of linears that read the same inp
                             the decode tree shares with prefill trees that never saw ``s``.
   ========================  ==========================================================
 
-Not done: AWQ's weight-clipping search, and calibration through already-quantized layers.
+Clipping (``clip=True``, after the scales are folded): for every linear but ``q_proj`` /
+``k_proj`` (AWQ leaves those unclipped: the attention logits ``q . k`` are sensitive to their
+outliers), every (group, output column) of the scaled kernel gets the ratio ``r`` in
+``CLIP_RATIOS`` (1.0, 0.95, ..., 0.5) minimising that group's output error on the recorded
+inputs, ``sum_m (x_g . (w_g - Q(clip_r(w_g))))^2`` (``x`` the input the scaled kernel sees,
+``x / s``), and the kernel is replaced by its clipped version, so that the final
+round-to-nearest lands on the searched grid. int4 clips to ``[r lo, r hi]`` (``lo``, ``hi``:
+the group's min / max with 0 included, exactly the range the asymmetric quantizer spans),
+int8 to ``[-r amax, r amax]`` (its symmetric per-column range). A column whose whole-layer
+calibration error ``||x (w - Q(w'))||^2`` the clipping would not lower keeps ``w`` (the
+per-group objective ignores cross-group terms), so clipping never raises it.
+
+Not done: calibration through already-quantized layers.
 """
 
 from __future__ import annotations
@@ -60,6 +72,7 @@ LINEARS = (
     ("mlp", "down_proj"),
 )
 METHODS = ("rtn", "awq")
+CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0, 0.95, ..., 0.5
 DATA_DIR = pathlib.Path(__file__).parent / "data"
 
 
@@ -143,12 +156,14 @@ def quantize_tree(
     calib_tokens: Int[Array, "B T"] | None = None,
     scale_dtype=jnp.float32,
     grid: int = 20,
+    clip: bool = True,
 ):
     """The decode tree with every linear kernel of the layers quantized.
 
     ``method="rtn"``: round-to-nearest. ``method="awq"``: activation-aware scales searched on
     ``calib_tokens`` (``[B, T]`` or ``[T]`` token ids), folded as in the module docstring,
-    then round-to-nearest. Works on the unrolled and the scanned layer layout.
+    then (``clip=True``) AWQ's weight-clipping search, then round-to-nearest. ``clip`` is
+    ignored by ``method="rtn"``. Works on the unrolled and the scanned layer layout.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -156,13 +171,14 @@ def quantize_tree(
         raise ValueError("method='awq' needs calib_tokens, got None")
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    _check_clip(clip)
     scanned = cfg.scan_layers
     if scanned:
         params = unstack_layers(cfg, params)
         cfg = dataclasses.replace(cfg, scan_layers=False)
     if method == "awq":
         params, _ = awq_scale(
-            cfg, params, calib_tokens, bits=bits, group_size=group_size, grid=grid
+            cfg, params, calib_tokens, bits=bits, group_size=group_size, grid=grid, clip=clip
         )
     q = lambda w: quantize(w, bits=bits, group_size=group_size, scale_dtype=scale_dtype)
     out = dict(params)
@@ -179,6 +195,11 @@ def quantize_tree(
                 node["kernel"] = q(k)
         out[f"layers_{i}"] = layer
     return stack_layers(cfg, out) if scanned else out
+
+
+def _check_clip(clip) -> None:
+    if not isinstance(clip, (bool, np.bool_)):
+        raise ValueError(f"clip must be True or False, got {clip!r}")
 
 
 def _copy(tree):
@@ -229,16 +250,21 @@ def awq_scale(
     bits: int = 4,
     group_size: int = 128,
     grid: int = 20,
+    clip: bool = False,
 ):
     """AWQ scales searched and folded; returns ``(params, alphas)``, still unquantized.
 
-    Either layer layout (the result has the layout of ``params``). The returned tree computes
-    the same function as ``params`` up to float rounding (``o_proj`` kernels become
-    ``ScaledWeight``). ``alphas[i]`` maps each group
-    (``"qkv"``, ``"o"``, ``"gate_up"``, ``"down"``) of layer ``i`` to the chosen exponent.
+    Either layer layout (the result has the layout of ``params``). With ``clip=False`` the
+    returned tree computes the same function as ``params`` up to float rounding (``o_proj``
+    kernels become ``ScaledWeight``). ``clip=True`` then also clips the scaled kernels (all
+    but ``q_proj`` / ``k_proj``) as searched by AWQ's clipping search (module docstring): no
+    longer the same function, but the one whose round-to-nearest is the searched grid.
+    ``alphas[i]`` maps each group (``"qkv"``, ``"o"``, ``"gate_up"``, ``"down"``) of layer
+    ``i`` to the chosen exponent.
     """
     if grid < 1:
         raise ValueError(f"{grid=} must be >= 1")
+    _check_clip(clip)
     scanned = cfg.scan_layers
     if scanned:
         params = unstack_layers(cfg, params)
@@ -246,6 +272,12 @@ def awq_scale(
     xs = collect_inputs(cfg, params, calib_tokens)
     alphas_grid = jnp.linspace(0.0, 1.0, grid) if grid > 1 else jnp.zeros((1,))
     search = functools.partial(_search, alphas_grid, bits=bits, group_size=group_size)
+    ratios = jnp.asarray(CLIP_RATIOS, jnp.float32)
+
+    def clipped(x, w):  # x: the input the (scaled) kernel w sees
+        c, _ = _clip_search(ratios, x, w.astype(jnp.float32), bits=bits, group_size=group_size)
+        return c.astype(w.dtype)
+
     out = dict(params)
     alphas = []
     for i in range(cfg.n_layers):
@@ -254,16 +286,20 @@ def awq_scale(
         x = lambda name, i=i: xs[f"layers_{i}/{name}"]
         chosen = {}
 
+        xs_eff = {}  # what each scaled kernel sees: the recorded input / s
+
         # q / k / v  <-  input_norm
         w = jnp.concatenate([a[n]["kernel"] for n in ("q_proj", "k_proj", "v_proj")], axis=1)
         s, chosen["qkv"] = search(x("attn/q_proj"), w.astype(jnp.float32))
         for n in ("q_proj", "k_proj", "v_proj"):
             a[n]["kernel"] = _scale_rows(a[n]["kernel"], s)
         p["input_norm"]["scale"] = _div(p["input_norm"]["scale"], s)
+        xs_eff["attn/v_proj"] = x("attn/q_proj") / s
 
         # o  <-  explicit in_scale
         s, chosen["o"] = search(x("attn/o_proj"), a["o_proj"]["kernel"].astype(jnp.float32))
         a["o_proj"]["kernel"] = ScaledWeight(_scale_rows(a["o_proj"]["kernel"], s), 1.0 / s)
+        xs_eff["attn/o_proj"] = x("attn/o_proj") / s
 
         # gate / up  <-  post_attn_norm
         w = jnp.concatenate([m["gate_proj"]["kernel"], m["up_proj"]["kernel"]], axis=1)
@@ -271,6 +307,7 @@ def awq_scale(
         for n in ("gate_proj", "up_proj"):
             m[n]["kernel"] = _scale_rows(m[n]["kernel"], s)
         p["post_attn_norm"]["scale"] = _div(p["post_attn_norm"]["scale"], s)
+        xs_eff["mlp/gate_proj"] = xs_eff["mlp/up_proj"] = x("mlp/gate_proj") / s
 
         # down  <-  up_proj output columns
         s, chosen["down"] = search(x("mlp/down_proj"), m["down_proj"]["kernel"].astype(jnp.float32))
@@ -279,6 +316,19 @@ def awq_scale(
         m["up_proj"]["kernel"] = (up.astype(jnp.float32) / s[None, :]).astype(up.dtype)
         if "bias" in m["up_proj"]:
             raise ValueError("awq_scale does not handle an up_proj bias")
+        xs_eff["mlp/down_proj"] = x("mlp/down_proj") / s
+
+        # clipping, on the final scaled kernels (up_proj after down's fold). q_proj and k_proj
+        # are left unclipped, as in AWQ: the attention scores are sensitive to their outliers.
+        if clip:
+            for name, xe in xs_eff.items():
+                mod, lin = name.split("/")
+                node = p[mod][lin]
+                k = node["kernel"]
+                if isinstance(k, ScaledWeight):
+                    node["kernel"] = ScaledWeight(clipped(xe, k.weight), k.in_scale)
+                else:
+                    node["kernel"] = clipped(xe, k)
 
         out[f"layers_{i}"] = p
         alphas.append({k: float(v) for k, v in chosen.items()})
@@ -313,3 +363,49 @@ def _search(alphas, x: Float[Array, "M K"], w: Float[Array, "K N"], *, bits, gro
     errors = jax.lax.map(error, alphas)
     best = alphas[jnp.argmin(errors)]
     return scales(best), best
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size"))
+def _clip_search(ratios, x: Float[Array, "M K"], w: Float[Array, "K N"], *, bits, group_size):
+    """AWQ's clipping search: ``(w clipped, ratio [G, N])`` (module docstring).
+
+    Per (group ``g``, column ``n``) the ratio in ``ratios`` minimising
+    ``sum_m (x[m, g] . (w[g, n] - Q(clip_r(w[g, n]))))^2``, measured through the group's Gram
+    matrix ``x_g^T x_g`` (``[G, gs, gs]``, so memory does not grow with ``M``). A column
+    whose whole-layer error ``||x (w - Q(w'))||^2`` the chosen ratios do not lower keeps
+    ``w`` (ratio 1). ``ratios`` should hold 1.0 (no clipping), first: ties keep the first.
+    """
+    hi = jax.lax.Precision.HIGHEST
+    k, n = w.shape
+    gs = group_size if bits == 4 else k  # int8: one symmetric group per column
+    g = -(-k // gs)
+    kp = g * gs
+    pad = lambda a, v: jnp.concatenate([a, jnp.broadcast_to(v, (kp - k, *a.shape[1:]))], 0)
+    # pad rows copy the last row (as ``quantize`` pads, so the ranges match); x pads with 0
+    wg = (pad(w, w[-1:]) if kp > k else w).reshape(g, gs, n)  # [G, gs, N]
+    xg = (pad(x.T, 0.0).T if kp > k else x).reshape(x.shape[0], g, gs)  # [M, G, gs]
+    gram = jnp.einsum("mgk,mgl->gkl", xg, xg, precision=hi)  # [G, gs, gs]
+    if bits == 4:  # the asymmetric quantizer spans [min(w, 0), max(w, 0)] per group
+        lo, up = jnp.minimum(wg.min(axis=1), 0.0), jnp.maximum(wg.max(axis=1), 0.0)  # [G, N]
+    else:  # the symmetric one spans [-amax, amax] per column
+        up = jnp.max(jnp.abs(wg), axis=1)
+        lo = -up
+
+    def clip_to(r):  # r: scalar or [G, N]  ->  [K, N]
+        c = jnp.clip(wg, (r * lo)[:, None, :], (r * up)[:, None, :])
+        return c.reshape(kp, n)[:k]
+
+    def err_q(wc):  # w - Q(wc)  [K, N]
+        return w - dequantize(quantize(wc, bits=bits, group_size=group_size))
+
+    def group_error(r):  # [G, N]
+        d = err_q(clip_to(r))
+        dg = (pad(d, 0.0) if kp > k else d).reshape(g, gs, n)
+        return jnp.sum(dg * jnp.einsum("gkl,gln->gkn", gram, dg, precision=hi), axis=1)
+
+    errors = jax.lax.map(group_error, ratios)  # [R, G, N]
+    best = ratios[jnp.argmin(errors, axis=0)]  # [G, N]
+    wc = clip_to(best)
+    col_error = lambda v: jnp.sum(jnp.square(jnp.dot(x, err_q(v), precision=hi)), axis=0)
+    keep = col_error(wc) < col_error(w)  # [N]
+    return jnp.where(keep[None, :], wc, w), jnp.where(keep[None, :], best, 1.0)

@@ -72,14 +72,20 @@ def run_report(
     batch_size: int = 16,
     learning_rate: float = 2e-3,
     difficulty: str = "tiny",
+    tasks: tuple[str, ...] | None = None,
     progress: bool = True,
 ) -> dict:
+    unknown = sorted(set(tasks or ()) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; known: {sorted(TASKS)}")
     cfg, base_params, tok = base or tiny_base(progress=progress)
     columns = COLUMNS + (QSUN_COLUMNS if qsun else ())
     qdec = quantized_decode(cfg, base_params, tok, seed=seed) if qsun else None
     rows = {}
     trained = {}
     for name, task in TASKS.items():
+        if tasks and name not in tasks:
+            continue
         enc = encode(
             tok,
             task.generate(n_train, split="train", seed=seed, difficulty=difficulty),
@@ -186,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--difficulty", default="tiny")
+    p.add_argument("--tasks", nargs="+", help=f"a subset of {sorted(TASKS)} (default: all)")
     args = p.parse_args(argv)
     report = run_report(
         out=args.out,
@@ -198,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         learning_rate=args.lr,
         difficulty=args.difficulty,
+        tasks=tuple(args.tasks) if args.tasks else None,
     )
     print(markdown(report))
     print(f"wrote {args.out}/report.json and report.md")

@@ -3,7 +3,7 @@
 import numpy as np
 
 from serve.engine import Engine, EngineConfig, compile_counts, sampling_params
-from sunjax.generate import generate
+from sunjax.generate import buckets, generate
 
 
 def _run_alone(eng, prefill_tree, decode_tree, prompt, n, **sampling):
@@ -41,7 +41,8 @@ def test_prompt_buckets_bound_compilations(tiny):
         state = eng.insert(prefix, state, slot=i % 2)
         state, _ = eng.generate(decode, state)
     after = compile_counts()
-    # prompt lengths 1..32 -> buckets 8, 16, 32: one prefill and one insert each, one step
-    assert after["prefill"] - before["prefill"] <= 3
-    assert after["insert"] - before["insert"] <= 3
+    # prompt lengths 1..32 -> buckets 8, 12, 16, 24, 32: one prefill and one insert each
+    assert buckets(8, 32) == [8, 12, 16, 24, 32]
+    assert after["prefill"] - before["prefill"] <= 5
+    assert after["insert"] - before["insert"] <= 5
     assert after["generate"] - before["generate"] <= 1

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sunjax
-from sunjax.generate import generate
+from sunjax.generate import bucket, buckets, generate
 from sunjax.sampling import SamplingParams, sample
 from tests.conftest import make_hf_model
 
@@ -69,3 +69,14 @@ def test_top_p_keeps_only_the_nucleus():
     sp = SamplingParams.create(1, temperature=1.0, top_p=0.85, seed=1)
     draws = {int(sample(logits, sp, jnp.array([i]))[0]) for i in range(60)}
     assert draws == {0, 1}
+
+
+def test_bucket_lengths():
+    assert [bucket(n) for n in (1, 8, 9, 13, 17, 25, 37, 49, 65, 97)] == [
+        8, 8, 12, 16, 24, 32, 48, 64, 96, 128
+    ]  # fmt: skip
+    for n in range(1, 2000):
+        b = bucket(n)
+        assert n <= b and (b == 8 or 3 * n > 2 * b), n  # padding < a third of the bucket
+    assert buckets(8, 100) == [8, 12, 16, 24, 32, 48, 64, 96, 128]
+    assert set(buckets(8, 256)) == {bucket(n) for n in range(1, 257)}

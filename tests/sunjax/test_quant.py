@@ -132,12 +132,66 @@ def test_awq_int4_beats_rtn_on_tiny_and_scan_matches_unrolled():
     )  # same scales, same codes
 
 
+def _layer_errors(x, w, v, group_size):
+    """(whole-layer ``||x (w - Q(v))||^2``, sum over groups of ``||x_g (w_g - Q(v)_g)||^2``)."""
+    d = w - dequantize(quantize(v, group_size=group_size))
+    k, n = w.shape
+    per_group = jnp.einsum(
+        "mgk,gkn->mgn",
+        x.reshape(-1, k // group_size, group_size),
+        d.reshape(k // group_size, group_size, n),
+        precision=HI,
+    )
+    return float(jnp.sum(jnp.square(jnp.dot(x, d, precision=HI)))), float(
+        jnp.sum(jnp.square(per_group))
+    )
+
+
+@pytest.mark.parametrize("outliers", [False, True])
+def test_awq_clip_search_never_raises_layer_error(outliers):
+    kx, kw, ks = jax.random.split(jax.random.key(4), 3)
+    K, N, gs = 128, 48, 32
+    x = jax.random.normal(kx, (256, K)) * jnp.exp(jax.random.normal(ks, (K,)))
+    w = jax.random.normal(kw, (K, N))
+    if outliers:  # 2 huge weights per group of 32 rows, on input channels that are nearly off
+        x, w = x.at[:, ::16].multiply(0.01), w.at[::16].multiply(20.0)
+    ratios = jnp.asarray(quant.CLIP_RATIOS)
+    clipped, r = quant._clip_search(ratios, x, w, bits=4, group_size=gs)
+    assert r.shape == (K // gs, N) and float(jnp.min(r)) >= 0.5 and float(jnp.max(r)) == 1.0
+    # the clipped kernel's own round-to-nearest grid is the searched one: scale = r * range / 15
+    wg = w.reshape(K // gs, gs, N)
+    span = jnp.maximum(wg.max(1), 0.0) - jnp.minimum(wg.min(1), 0.0)
+    np.testing.assert_allclose(quantize(clipped, group_size=gs).scales, r * span / 15, rtol=1e-5)
+    before, after = _layer_errors(x, w, w, gs), _layer_errors(x, w, clipped, gs)
+    assert after[0] <= before[0] and after[1] <= before[1], (before, after)
+    # clipping pays even on Gaussian weights; with outliers on quiet inputs it pays a lot
+    assert after[0] < (0.5 if outliers else 0.9) * before[0], (before, after)
+    assert float(jnp.mean(r)) < (0.7 if outliers else 0.97), float(jnp.mean(r))
+
+
+def test_awq_clip_leaves_q_and_k_alone():
+    cfg, params = _tiny()
+    calib = _tokens(cfg, (2, 64))
+    kw = dict(group_size=32, method="awq", calib_tokens=calib, grid=4)
+    plain = quant.quantize_tree(cfg, params, clip=False, **kw)
+    clipped = quant.quantize_tree(cfg, params, **kw)  # clip=True is the default
+    for mod, name in quant.LINEARS:
+        a, b = (t["layers_0"][mod][name]["kernel"] for t in (plain, clipped))
+        a, b = (k.weight if isinstance(k, ScaledWeight) else k for k in (a, b))
+        same = bool(jnp.array_equal(a.data, b.data) and jnp.array_equal(a.scales, b.scales))
+        assert same == (name in ("q_proj", "k_proj")), name
+
+
 def test_bad_arguments_raise_value_error():
     cfg, params = _tiny(spread_norms=False)
     with pytest.raises(ValueError, match="'gptq'"):
         quant.quantize_tree(cfg, params, method="gptq")
     with pytest.raises(ValueError, match="calib_tokens"):
         quant.quantize_tree(cfg, params, method="awq")
+    with pytest.raises(ValueError, match="clip must be True or False"):
+        quant.quantize_tree(cfg, params, method="awq", calib_tokens=np.arange(8), clip="yes")
+    with pytest.raises(ValueError, match="clip must be True or False"):
+        quant.awq_scale(cfg, params, np.arange(8), clip=None)
     with pytest.raises(ValueError, match="3"):
         quant.quantize_tree(cfg, params, bits=3)
     with pytest.raises(ValueError, match="group_size"):
@@ -166,18 +220,33 @@ def test_smollm2_awq_int4_perplexity(smollm2):
     held, calib = held[:1536], calib[:256].reshape(1, 256)
     gs, window = 64, 512
     rtn = quant.quantize_tree(cfg, params, group_size=gs)
-    awq = quant.quantize_tree(cfg, params, group_size=gs, method="awq", calib_tokens=calib, grid=10)
+    awq, secs = {}, {}
+    for clip in (False, True):
+        t = time.perf_counter()
+        awq[clip] = jax.block_until_ready(
+            quant.quantize_tree(
+                cfg, params, group_size=gs, method="awq", calib_tokens=calib, grid=10, clip=clip
+            )
+        )
+        secs[clip] = time.perf_counter() - t
     ppl = {
         "fp32": quant.perplexity(cfg, params, held, window),
         "rtn": quant.perplexity(cfg, rtn, held, window),
-        "awq": quant.perplexity(cfg, awq, held, window),
+        "awq": quant.perplexity(cfg, awq[False], held, window),
+        "awq_clip": quant.perplexity(cfg, awq[True], held, window),
     }
-    rep = quant.bytes_report(awq)
+    rep = quant.bytes_report(awq[True])
     print(
         f"\nSmolLM2-135M held-out perplexity ({held.size} tokens, window {window}, int4 g{gs}): "
-        f"fp32 {ppl['fp32']:.2f}  RTN {ppl['rtn']:.2f}  AWQ {ppl['awq']:.2f}; linear kernels "
-        f"{rep['linear_bytes_per_param']:.3f} B/param; {time.perf_counter() - t0:.0f} s"
+        f"fp32 {ppl['fp32']:.2f}  RTN {ppl['rtn']:.2f}  AWQ {ppl['awq']:.2f}  "
+        f"AWQ+clip {ppl['awq_clip']:.2f}; linear kernels "
+        f"{rep['linear_bytes_per_param']:.3f} B/param; AWQ quantization {secs[False]:.0f} s, "
+        f"AWQ+clip {secs[True]:.0f} s; {time.perf_counter() - t0:.0f} s"
     )
     assert ppl["fp32"] < ppl["awq"] < ppl["rtn"], ppl
     assert ppl["awq"] < 1.2 * ppl["fp32"], ppl
+    # AWQ+clip vs AWQ is not asserted: on these 256 calibration tokens clipping measured
+    # slightly worse (34.62 vs 34.53); on 512 it measured better (34.16 vs 34.33).
+    assert ppl["awq_clip"] < ppl["rtn"], ppl
+    awq = awq[False]
     assert fingerprint(awq) != fingerprint(params) != fingerprint(rtn) != fingerprint(awq)
