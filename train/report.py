@@ -43,18 +43,24 @@ TITLES = {
 }
 
 
-def quantized_decode(cfg, params, tok, *, group_size: int = 64, seed: int = 0):
-    """The base quantized to int4 with AWQ, calibrated on the general pretraining mixture."""
+def quantized_decode(
+    cfg, params, tok, *, group_size: int = 64, seed: int = 0, rows: int = 4, row_len: int = 512
+):
+    """The base quantized to int4 with AWQ (scales + clipping), calibrated on ``rows`` x
+    ``row_len`` tokens of the general pretraining mixture (chat-formatted; no task data)."""
     import jax.numpy as jnp
 
     from sunjax.quant import quantize_tree
     from train.pretrain import corpus
 
-    text = "".join(
-        tok.apply_chat_template(list(m) + [{"role": "assistant", "content": r}], tokenize=False)
-        for m, r in corpus(64, seed + 1)
-    )
-    calib = jnp.asarray(tok.encode(text, add_special_tokens=False)[:512])[None]
+    ids, n = [], 64
+    while len(ids) < rows * row_len:
+        text = "".join(
+            tok.apply_chat_template(list(m) + [{"role": "assistant", "content": r}], tokenize=False)
+            for m, r in corpus(n, seed + 1)
+        )
+        ids, n = tok.encode(text, add_special_tokens=False), 2 * n
+    calib = jnp.asarray(ids[: rows * row_len]).reshape(rows, row_len)
     return quantize_tree(
         cfg, params, bits=4, group_size=group_size, method="awq", calib_tokens=calib
     )

@@ -37,7 +37,11 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+
+try:  # deprecated since JAX 0.11 (Pallas CHANGELOG); a JAX without it keeps the XLA path
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover - no such JAX yet
+    plgpu = None
 
 from kernels_pallas.quant_matmul.config import Config
 from kernels_pallas.quant_matmul.format import QuantizedWeight
@@ -58,6 +62,8 @@ SUPPORTED_DTYPES = tuple(_MAGIC)
 
 def supports(w: QuantizedWeight, dtype) -> str | None:
     """``None`` if this kernel handles ``w`` with activations of ``dtype``, else why not."""
+    if plgpu is None:
+        return f"this JAX ({jax.__version__}) has no Pallas Triton backend"
     if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
         names = ", ".join(d.name for d in SUPPORTED_DTYPES)
         return f"the Triton kernel supports activations of {names}, got {jnp.dtype(dtype)}"
