@@ -78,14 +78,24 @@ def decode_quant_of(tree) -> dict | None:
     }
 
 
-def _normalize_quant(quant: dict | None) -> dict | None:
+def normalize_quant(quant: dict | None) -> dict | None:
+    """``quant`` with checked keys and canonical values (ValueError naming a bad one)."""
     if quant is None:
         return None
     if set(quant) != set(QUANT_KEYS):
         raise ValueError(f"decode_quant must have exactly the keys {QUANT_KEYS}, got {quant}")
     quant = dict(quant)
+    if quant["bits"] not in (4, 8):
+        raise ValueError(f"decode_quant bits must be 4 or 8, got {quant['bits']!r}")
     quant["bits"] = int(quant["bits"])
-    quant["group_size"] = None if quant["bits"] == 8 else int(quant["group_size"])
+    gs = quant["group_size"]
+    if quant["bits"] == 4 and (not isinstance(gs, int) or isinstance(gs, bool) or gs < 2):
+        raise ValueError(f"decode_quant group_size must be an int >= 2 for int4, got {gs!r}")
+    quant["group_size"] = None if quant["bits"] == 8 else gs
+    if quant["scale_dtype"] not in ("float32", "bfloat16", jnp.float32, jnp.bfloat16):
+        raise ValueError(
+            f"decode_quant scale_dtype must be float32 or bfloat16, got {quant['scale_dtype']!r}"
+        )
     quant["scale_dtype"] = str(jnp.dtype(quant["scale_dtype"]))
     if quant["method"] not in ("rtn", "awq"):
         raise ValueError(f"decode_quant method must be 'rtn' or 'awq', got {quant['method']!r}")
@@ -97,7 +107,7 @@ def abstract_decode(cfg: ModelConfig, quant: dict | None):
     (a manifest's ``decode_quant``): the Orbax restore target."""
     from sunjax.quant import quantize_tree  # heavy import, only for quantized exports
 
-    quant = _normalize_quant(quant)
+    quant = normalize_quant(quant)
 
     def build():
         params = init_params(cfg, jax.random.PRNGKey(0))
@@ -161,7 +171,7 @@ def export(
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", task):
             raise ValueError(f"task name {task!r} must match [A-Za-z0-9_.-]+")
     inferred = decode_quant_of(decode_params)
-    quant = inferred if decode_quant is None else _normalize_quant(decode_quant)
+    quant = inferred if decode_quant is None else normalize_quant(decode_quant)
     if quant != inferred:
         raise ValueError(f"decode_quant={quant} but the decode tree is quantized as {inferred}")
     if quant is not None:

@@ -3,6 +3,10 @@
 Thin: reads a ``RunConfig`` (YAML overlay), loads the base, calls ``train.trainer.train``
 (Orbax checkpoints every ``checkpoint_every`` steps; rerunning resumes), evaluates through the
 SUN path, and writes ``<out>/params`` (Orbax) and ``<out>/run.json``.
+
+QSUN: ``decode_quant: {bits: 4, group_size: 64, method: awq}`` (with ``mode: sun``) trains the
+prefill module through the base quantized once by ``quantize_base``; that decode tree is saved
+as ``<out>/decode`` and ``sunjax export`` ships it as the shared decode module.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from sunjax.configs import overlay, read_yaml
 from sunjax.sun import fingerprint
 from train.data import encode
 from train.evaluate import evaluate
+from train.export import abstract_decode, normalize_quant
 from train.tasks import get_task
 from train.trainer import TrainConfig, train
 
@@ -35,11 +40,29 @@ class RunConfig:
     response_len: int = 48
     out: str = "runs/run"
     train: TrainConfig = TrainConfig()
+    # QSUN: how the shared decode module is quantized (keys of QUANT_DEFAULTS); None = plain
+    decode_quant: dict | None = None
 
     def __post_init__(self):
         if isinstance(self.train, dict):
             object.__setattr__(self, "train", overlay(TrainConfig, self.train))
         get_task(self.task)
+        if self.decode_quant is not None:
+            if not isinstance(self.decode_quant, dict):
+                raise ValueError(
+                    f"decode_quant must be a mapping or null, got {self.decode_quant!r}"
+                )
+            if self.train.mode != "sun":
+                raise ValueError(
+                    f"decode_quant needs train.mode 'sun' (QSUN), got mode {self.train.mode!r}: "
+                    "full fine-tuning has no separate decode module to quantize"
+                )
+            object.__setattr__(
+                self, "decode_quant", normalize_quant({**QUANT_DEFAULTS, **self.decode_quant})
+            )
+
+
+QUANT_DEFAULTS = {"bits": 4, "group_size": 64, "method": "awq", "scale_dtype": "float32"}
 
 
 @functools.lru_cache(maxsize=2)
@@ -56,8 +79,54 @@ def load_base(base: str):
     return cfg, params, tok, hub.resolve(base)
 
 
+def quantize_base(
+    cfg, params, tok, quant: dict, *, seed: int = 0, rows: int = 4, row_len: int = 512
+):
+    """The decode tree quantized as ``quant`` (``QUANT_DEFAULTS`` keys). AWQ calibrates on
+    ``rows`` x ``row_len`` tokens of the general pretraining mixture, chat-formatted: no task
+    data, since one decode module serves every task."""
+    import jax.numpy as jnp
+
+    from sunjax.quant import quantize_tree
+    from train.pretrain import corpus
+
+    quant = normalize_quant({**QUANT_DEFAULTS, **quant})
+    calib = None
+    if quant["method"] == "awq":
+        ids, n = [], 64
+        while len(ids) < rows * row_len:
+            text = "".join(
+                tok.apply_chat_template(
+                    list(m) + [{"role": "assistant", "content": r}], tokenize=False
+                )
+                for m, r in corpus(n, seed + 1)
+            )
+            ids, n = tok.encode(text, add_special_tokens=False), 2 * n
+        calib = jnp.asarray(ids[: rows * row_len]).reshape(rows, row_len)
+    return quantize_tree(
+        cfg,
+        params,
+        bits=quant["bits"],
+        group_size=quant["group_size"] or 128,
+        method=quant["method"],
+        calib_tokens=calib,
+        scale_dtype=jnp.dtype(quant["scale_dtype"]),
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _quantized_base(base: str, quant: tuple, seed: int):
+    cfg, params, tok, _ = load_base(base)
+    return quantize_base(cfg, params, tok, dict(quant), seed=seed)
+
+
 def run(rc: RunConfig, *, progress: bool = True) -> dict:
     cfg, base, tok, tok_source = load_base(rc.base)
+    sun = rc.train.mode == "sun"
+    if rc.decode_quant is None:
+        decode = base
+    else:
+        decode = _quantized_base(rc.base, tuple(sorted(rc.decode_quant.items())), rc.train.seed)
     task = get_task(rc.task)
     enc = encode(
         tok,
@@ -71,16 +140,18 @@ def run(rc: RunConfig, *, progress: bool = True) -> dict:
         base,
         enc.batch,
         len(enc.pairs),
-        decode_params=base if rc.train.mode == "sun" else None,
+        decode_params=decode if sun else None,
         checkpoint_dir=os.path.join(rc.out, "checkpoints") if rc.train.checkpoint_every else None,
         desc=f"{rc.task} ({rc.train.mode})",
         progress=progress,
     )
-    decode = base if rc.train.mode == "sun" else params
+    decode = decode if sun else params
     test = task.generate(rc.n_eval, split="test", seed=rc.train.seed, difficulty=rc.difficulty)
     result = evaluate(cfg, params, decode, tok, test, max_new_tokens=rc.response_len)
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(os.path.abspath(os.path.join(rc.out, "params")), params, force=True)
+    if rc.decode_quant is not None:
+        ckpt.save(os.path.abspath(os.path.join(rc.out, "decode")), decode, force=True)
     ckpt.wait_until_finished()
     meta = {
         "task": rc.task,
@@ -88,6 +159,7 @@ def run(rc: RunConfig, *, progress: bool = True) -> dict:
         "base": rc.base,
         "tokenizer_source": tok_source,
         "decode_fingerprint": fingerprint(decode),
+        "decode_quant": rc.decode_quant,
         "accuracy": result["accuracy"],
         "final_loss": history[-1]["loss"] if history else None,
         "config": dataclasses.asdict(rc),
@@ -106,7 +178,17 @@ def load_run(out: str) -> dict:
     params = ocp.StandardCheckpointer().restore(
         os.path.abspath(os.path.join(out, "params")), abstract
     )
-    decode = base if meta["mode"] == "sun" else params
+    if meta.get("decode_quant"):  # QSUN: the quantized decode tree the run trained through
+        decode = ocp.StandardCheckpointer().restore(
+            os.path.abspath(os.path.join(out, "decode")), abstract_decode(cfg, meta["decode_quant"])
+        )
+    else:
+        decode = base if meta["mode"] == "sun" else params
+    if fingerprint(decode) != meta["decode_fingerprint"]:
+        raise ValueError(
+            f"run {out!r} was trained against decode tree {meta['decode_fingerprint'][:12]}, "
+            f"but its base {meta['base']!r} now loads as {fingerprint(decode)[:12]}"
+        )
     return {"cfg": cfg, "params": params, "decode": decode, "tokenizer": tok, "meta": meta}
 
 

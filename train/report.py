@@ -26,7 +26,7 @@ import time
 
 from train.data import encode
 from train.evaluate import evaluate
-from train.launch import load_base
+from train.launch import QUANT_DEFAULTS, load_base, quantize_base
 from train.pretrain import tiny_base
 from train.tasks import TASKS
 from train.trainer import TrainConfig, train
@@ -41,29 +41,6 @@ TITLES = {
     "sun+q": "SUN + int4 decode (no retraining)",
     "qsun": "QSUN",
 }
-
-
-def quantized_decode(
-    cfg, params, tok, *, group_size: int = 64, seed: int = 0, rows: int = 4, row_len: int = 512
-):
-    """The base quantized to int4 with AWQ (scales + clipping), calibrated on ``rows`` x
-    ``row_len`` tokens of the general pretraining mixture (chat-formatted; no task data)."""
-    import jax.numpy as jnp
-
-    from sunjax.quant import quantize_tree
-    from train.pretrain import corpus
-
-    ids, n = [], 64
-    while len(ids) < rows * row_len:
-        text = "".join(
-            tok.apply_chat_template(list(m) + [{"role": "assistant", "content": r}], tokenize=False)
-            for m, r in corpus(n, seed + 1)
-        )
-        ids, n = tok.encode(text, add_special_tokens=False), 2 * n
-    calib = jnp.asarray(ids[: rows * row_len]).reshape(rows, row_len)
-    return quantize_tree(
-        cfg, params, bits=4, group_size=group_size, method="awq", calib_tokens=calib
-    )
 
 
 def run_report(
@@ -86,7 +63,7 @@ def run_report(
         raise ValueError(f"unknown task(s) {unknown}; known: {sorted(TASKS)}")
     cfg, base_params, tok = base or tiny_base(progress=progress)
     columns = COLUMNS + (QSUN_COLUMNS if qsun else ())
-    qdec = quantized_decode(cfg, base_params, tok, seed=seed) if qsun else None
+    qdec = quantize_base(cfg, base_params, tok, QUANT_DEFAULTS, seed=seed) if qsun else None
     rows = {}
     trained = {}
     for name, task in TASKS.items():
