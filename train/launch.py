@@ -28,6 +28,8 @@ from train.export import abstract_decode, normalize_quant
 from train.tasks import get_task
 from train.trainer import TrainConfig, train
 
+QUANT_DEFAULTS = {"bits": 4, "group_size": 64, "method": "awq", "scale_dtype": "float32"}
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
@@ -60,9 +62,6 @@ class RunConfig:
             object.__setattr__(
                 self, "decode_quant", normalize_quant({**QUANT_DEFAULTS, **self.decode_quant})
             )
-
-
-QUANT_DEFAULTS = {"bits": 4, "group_size": 64, "method": "awq", "scale_dtype": "float32"}
 
 
 @functools.lru_cache(maxsize=2)
@@ -187,7 +186,7 @@ def load_run(out: str) -> dict:
     if fingerprint(decode) != meta["decode_fingerprint"]:
         raise ValueError(
             f"run {out!r} was trained against decode tree {meta['decode_fingerprint'][:12]}, "
-            f"but its base {meta['base']!r} now loads as {fingerprint(decode)[:12]}"
+            f"but that decode tree now loads as {fingerprint(decode)[:12]}"
         )
     return {"cfg": cfg, "params": params, "decode": decode, "tokenizer": tok, "meta": meta}
 

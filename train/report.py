@@ -28,7 +28,7 @@ from train.data import encode
 from train.evaluate import evaluate
 from train.launch import QUANT_DEFAULTS, load_base, quantize_base
 from train.pretrain import tiny_base
-from train.tasks import TASKS
+from train.tasks import TASKS, get_task
 from train.trainer import TrainConfig, train
 
 COLUMNS = ("base", "full", "naive", "sun")
@@ -58,9 +58,8 @@ def run_report(
     tasks: tuple[str, ...] | None = None,
     progress: bool = True,
 ) -> dict:
-    unknown = sorted(set(tasks or ()) - set(TASKS))
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; known: {sorted(TASKS)}")
+    for t in tasks or ():
+        get_task(t)  # ValueError naming an unknown one
     cfg, base_params, tok = base or tiny_base(progress=progress)
     columns = COLUMNS + (QSUN_COLUMNS if qsun else ())
     qdec = quantize_base(cfg, base_params, tok, QUANT_DEFAULTS, seed=seed) if qsun else None
