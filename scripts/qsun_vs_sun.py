@@ -1,10 +1,12 @@
 """SUN vs QSUN on one task with many test examples (the report's settings, fewer columns).
 
     .venv/bin/python scripts/qsun_vs_sun.py --task tool --n-test 400 [--steps 60] [--out F]
+        [--quant '{"int8": []}']
 
 Trains a SUN and a QSUN prefill module on SmolLM2 (as ``sunjax report --model smollm2
 --steps 60 --batch-size 8 --lr 1e-4 --n-train 1000 --qsun``) and evaluates SUN, SUN + int4
-decode without retraining, and QSUN; prints and writes the accuracies as JSON.
+decode without retraining, and QSUN; prints and writes the accuracies as JSON. ``--quant``
+overlays ``QUANT_DEFAULTS`` (``'{"int8": []}'``: all-int4, no int8 linears).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 
 from train.data import encode
 from train.evaluate import evaluate
+from train.export import normalize_quant
 from train.launch import QUANT_DEFAULTS, load_base, quantize_base
 from train.tasks import TASKS
 from train.trainer import TrainConfig, train
@@ -25,11 +28,13 @@ def main() -> None:
     p.add_argument("--n-test", type=int, default=400)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--out", default=None)
+    p.add_argument("--quant", type=json.loads, default={}, help="JSON overlay of QUANT_DEFAULTS")
     args = p.parse_args()
+    quant = normalize_quant({**QUANT_DEFAULTS, **args.quant})
     cfg, base, tok, _ = load_base("smollm2")
     task = TASKS[args.task]
     test = task.generate(args.n_test, split="test", seed=0, difficulty="tiny")
-    qdec = quantize_base(cfg, base, tok, QUANT_DEFAULTS, seed=0)
+    qdec = quantize_base(cfg, base, tok, quant, seed=0)
     pairs = task.generate(1000, split="train", seed=0, difficulty="tiny")
     enc = encode(tok, pairs, prompt_len=None, response_len=None)
     tc = TrainConfig(
@@ -45,7 +50,8 @@ def main() -> None:
         print(f"{col:6s} {100 * acc[col]:.2f}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"task": args.task, "n_test": len(test), "steps": args.steps, **acc}, f)
+            json.dump({"task": args.task, "n_test": len(test), "steps": args.steps,
+                       "decode_quant": quant, **acc}, f)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ Letters: M calibration tokens (batch x length flattened), D model dim, F ffn dim
 K a linear layer's input dim, N its output dim, L layers.
 
 Every linear kernel inside the layers (``attn/{q,k,v,o}_proj``, ``mlp/{gate,up,down}_proj``)
-becomes a ``QuantizedWeight``; embeddings, norms and ``lm_head`` stay as they are.
+becomes a ``QuantizedWeight``; embeddings, norms and ``lm_head`` stay as they are. Mixed
+precision: the linears named in ``int8`` (e.g. ``("down_proj",)``) are int8 in every layer and
+the rest int4, as llama.cpp's Q4_K_M keeps ``ffn_down`` / ``attn_v`` at higher precision; AWQ's
+searches then measure each linear's error at its own precision.
 
 AWQ (Lin et al. 2023), per layer and per group of linears that read the same input:
 
@@ -49,6 +52,7 @@ import dataclasses
 import functools
 import math
 import pathlib
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -157,13 +161,16 @@ def quantize_tree(
     scale_dtype=jnp.float32,
     grid: int = 20,
     clip: bool = True,
+    int8: tuple[str, ...] = (),
 ):
     """The decode tree with every linear kernel of the layers quantized.
 
     ``method="rtn"``: round-to-nearest. ``method="awq"``: activation-aware scales searched on
     ``calib_tokens`` (``[B, T]`` or ``[T]`` token ids), folded as in the module docstring,
     then (``clip=True``) AWQ's weight-clipping search, then round-to-nearest. ``clip`` is
-    ignored by ``method="rtn"``. Works on the unrolled and the scanned layer layout.
+    ignored by ``method="rtn"``. ``int8``: names of ``LINEARS`` (``"down_proj"``, ...) quantized
+    to int8 in every layer whatever ``bits`` says. Works on the unrolled and the scanned layer
+    layout.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -172,21 +179,30 @@ def quantize_tree(
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits!r}")
     _check_clip(clip)
+    bits_of = _bits_of(bits, int8)
     scanned = cfg.scan_layers
     if scanned:
         params = unstack_layers(cfg, params)
         cfg = dataclasses.replace(cfg, scan_layers=False)
     if method == "awq":
         params, _ = awq_scale(
-            cfg, params, calib_tokens, bits=bits, group_size=group_size, grid=grid, clip=clip
+            cfg,
+            params,
+            calib_tokens,
+            bits=bits,
+            group_size=group_size,
+            grid=grid,
+            clip=clip,
+            int8=int8,
         )
-    q = lambda w: quantize(w, bits=bits, group_size=group_size, scale_dtype=scale_dtype)
     out = dict(params)
     for i in range(cfg.n_layers):
         layer = _copy(params[f"layers_{i}"])
         for mod, name in LINEARS:
             node = layer[mod][name]
             k = node["kernel"]
+            b = bits_of(name)
+            q = lambda w, b=b: quantize(w, bits=b, group_size=group_size, scale_dtype=scale_dtype)
             if isinstance(k, ScaledWeight):
                 node["kernel"] = ScaledWeight(q(k.weight), k.in_scale)
             elif isinstance(k, QuantizedWeight):
@@ -195,6 +211,14 @@ def quantize_tree(
                 node["kernel"] = q(k)
         out[f"layers_{i}"] = layer
     return stack_layers(cfg, out) if scanned else out
+
+
+def _bits_of(bits: int, int8) -> Callable[[str], int]:
+    """``name -> bits`` of a linear (``LINEARS``' second field) given the ``int8`` names."""
+    names = {n for _, n in LINEARS}
+    if isinstance(int8, str) or not all(isinstance(n, str) and n in names for n in int8):
+        raise ValueError(f"int8 must list linear names from {sorted(names)}, got {int8!r}")
+    return lambda name: 8 if name in int8 else bits
 
 
 def _check_clip(clip) -> None:
@@ -251,6 +275,7 @@ def awq_scale(
     group_size: int = 128,
     grid: int = 20,
     clip: bool = False,
+    int8: tuple[str, ...] = (),
 ):
     """AWQ scales searched and folded; returns ``(params, alphas)``, still unquantized.
 
@@ -260,22 +285,30 @@ def awq_scale(
     but ``q_proj`` / ``k_proj``) as searched by AWQ's clipping search (module docstring): no
     longer the same function, but the one whose round-to-nearest is the searched grid.
     ``alphas[i]`` maps each group (``"qkv"``, ``"o"``, ``"gate_up"``, ``"down"``) of layer
-    ``i`` to the chosen exponent.
+    ``i`` to the chosen exponent. Each linear's error is measured at its precision: int8 for
+    those named in ``int8``, ``bits`` for the rest (as ``quantize_tree`` will quantize them).
     """
     if grid < 1:
         raise ValueError(f"{grid=} must be >= 1")
     _check_clip(clip)
+    bits_of = _bits_of(bits, int8)
     scanned = cfg.scan_layers
     if scanned:
         params = unstack_layers(cfg, params)
         cfg = dataclasses.replace(cfg, scan_layers=False)
     xs = collect_inputs(cfg, params, calib_tokens)
     alphas_grid = jnp.linspace(0.0, 1.0, grid) if grid > 1 else jnp.zeros((1,))
-    search = functools.partial(_search, alphas_grid, bits=bits, group_size=group_size)
     ratios = jnp.asarray(CLIP_RATIOS, jnp.float32)
 
-    def clipped(x, w):  # x: the input the (scaled) kernel w sees
-        c, _ = _clip_search(ratios, x, w.astype(jnp.float32), bits=bits, group_size=group_size)
+    def search(x, kernels: dict):  # one scale for the linears reading x: {name: kernel}
+        ws = tuple(w.astype(jnp.float32) for w in kernels.values())
+        b = tuple(bits_of(n) for n in kernels)
+        return _search(alphas_grid, x, ws, bits=b, group_size=group_size)
+
+    def clipped(x, w, name):  # x: the input the (scaled) kernel w sees
+        c, _ = _clip_search(
+            ratios, x, w.astype(jnp.float32), bits=bits_of(name), group_size=group_size
+        )
         return c.astype(w.dtype)
 
     out = dict(params)
@@ -289,28 +322,29 @@ def awq_scale(
         xs_eff = {}  # what each scaled kernel sees: the recorded input / s
 
         # q / k / v  <-  input_norm
-        w = jnp.concatenate([a[n]["kernel"] for n in ("q_proj", "k_proj", "v_proj")], axis=1)
-        s, chosen["qkv"] = search(x("attn/q_proj"), w.astype(jnp.float32))
-        for n in ("q_proj", "k_proj", "v_proj"):
+        qkv = ("q_proj", "k_proj", "v_proj")
+        s, chosen["qkv"] = search(x("attn/q_proj"), {n: a[n]["kernel"] for n in qkv})
+        for n in qkv:
             a[n]["kernel"] = _scale_rows(a[n]["kernel"], s)
         p["input_norm"]["scale"] = _div(p["input_norm"]["scale"], s)
         xs_eff["attn/v_proj"] = x("attn/q_proj") / s
 
         # o  <-  explicit in_scale
-        s, chosen["o"] = search(x("attn/o_proj"), a["o_proj"]["kernel"].astype(jnp.float32))
+        s, chosen["o"] = search(x("attn/o_proj"), {"o_proj": a["o_proj"]["kernel"]})
         a["o_proj"]["kernel"] = ScaledWeight(_scale_rows(a["o_proj"]["kernel"], s), 1.0 / s)
         xs_eff["attn/o_proj"] = x("attn/o_proj") / s
 
         # gate / up  <-  post_attn_norm
-        w = jnp.concatenate([m["gate_proj"]["kernel"], m["up_proj"]["kernel"]], axis=1)
-        s, chosen["gate_up"] = search(x("mlp/gate_proj"), w.astype(jnp.float32))
+        s, chosen["gate_up"] = search(
+            x("mlp/gate_proj"), {n: m[n]["kernel"] for n in ("gate_proj", "up_proj")}
+        )
         for n in ("gate_proj", "up_proj"):
             m[n]["kernel"] = _scale_rows(m[n]["kernel"], s)
         p["post_attn_norm"]["scale"] = _div(p["post_attn_norm"]["scale"], s)
         xs_eff["mlp/gate_proj"] = xs_eff["mlp/up_proj"] = x("mlp/gate_proj") / s
 
         # down  <-  up_proj output columns
-        s, chosen["down"] = search(x("mlp/down_proj"), m["down_proj"]["kernel"].astype(jnp.float32))
+        s, chosen["down"] = search(x("mlp/down_proj"), {"down_proj": m["down_proj"]["kernel"]})
         m["down_proj"]["kernel"] = _scale_rows(m["down_proj"]["kernel"], s)
         up = m["up_proj"]["kernel"]
         m["up_proj"]["kernel"] = (up.astype(jnp.float32) / s[None, :]).astype(up.dtype)
@@ -326,9 +360,9 @@ def awq_scale(
                 node = p[mod][lin]
                 k = node["kernel"]
                 if isinstance(k, ScaledWeight):
-                    node["kernel"] = ScaledWeight(clipped(xe, k.weight), k.in_scale)
+                    node["kernel"] = ScaledWeight(clipped(xe, k.weight, lin), k.in_scale)
                 else:
-                    node["kernel"] = clipped(xe, k)
+                    node["kernel"] = clipped(xe, k, lin)
 
         out[f"layers_{i}"] = p
         alphas.append({k: float(v) for k, v in chosen.items()})
@@ -344,10 +378,11 @@ def _div(scale: Float[Array, " K"], s: Float[Array, " K"]) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size"))
-def _search(alphas, x: Float[Array, "M K"], w: Float[Array, "K N"], *, bits, group_size):
-    """Best ``s = mean|x|**alpha`` over the grid by ``||x w - (x/s) Q(diag(s) w)||^2``."""
+def _search(alphas, x: Float[Array, "M K"], ws: tuple, *, bits: tuple, group_size):
+    """Best ``s = mean|x|**alpha`` over the grid by ``sum_l ||x w_l - (x/s) Q_l(diag(s) w_l)||^2``
+    over the kernels ``ws`` (``[K, N_l]`` each) that read ``x``, ``Q_l`` at ``bits[l]``."""
     hi = jax.lax.Precision.HIGHEST
-    y = jnp.dot(x, w, precision=hi)  # [M, N]
+    ys = [jnp.dot(x, w, precision=hi) for w in ws]  # [M, N_l]
     mean_abs = jnp.maximum(jnp.mean(jnp.abs(x), axis=0), 1e-8)  # [K]
 
     def scales(alpha):
@@ -357,8 +392,11 @@ def _search(alphas, x: Float[Array, "M K"], w: Float[Array, "K N"], *, bits, gro
 
     def error(alpha):
         s = scales(alpha)
-        wq = dequantize(quantize(w * s[:, None], bits=bits, group_size=group_size))
-        return jnp.mean(jnp.square(jnp.dot(x / s, wq, precision=hi) - y))
+        err = 0.0
+        for w, b, y in zip(ws, bits, ys, strict=True):
+            wq = dequantize(quantize(w * s[:, None], bits=b, group_size=group_size))
+            err += jnp.sum(jnp.square(jnp.dot(x / s, wq, precision=hi) - y))
+        return err
 
     errors = jax.lax.map(error, alphas)
     best = alphas[jnp.argmin(errors)]

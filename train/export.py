@@ -16,9 +16,9 @@ a decode tree with another fingerprint raises ``ValueError``.
 
 QSUN: the decode tree may be quantized (``sunjax.quant.quantize_tree``: ``QuantizedWeight``
 kernels, and for AWQ ``o_proj`` kernels wrapped in ``ScaledWeight``). The manifest's
-``decode_quant`` (``{"bits", "group_size", "method", "scale_dtype"}``) is enough to rebuild the
-exact abstract tree (``abstract_decode``), so Orbax restores it bitwise. Prefill modules are
-always plain trees.
+``decode_quant`` (``{"bits", "group_size", "method", "scale_dtype", "int8"}``; ``int8`` lists
+the linears kept at int8 in a mixed int4 tree) is enough to rebuild the exact abstract tree
+(``abstract_decode``), so Orbax restores it bitwise. Prefill modules are always plain trees.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from sunjax.model import init_params
 from sunjax.sun import fingerprint
 
 MANIFEST_VERSION = 1
-QUANT_KEYS = ("bits", "group_size", "method", "scale_dtype")
+QUANT_KEYS = ("bits", "group_size", "method", "scale_dtype", "int8")
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _versions(root: str) -> list[int]:
@@ -53,35 +54,52 @@ def _is_kernel(x) -> bool:
 
 
 def decode_quant_of(tree) -> dict | None:
-    """``{"bits", "group_size", "method", "scale_dtype"}`` read off a decode tree's leaves, or
-    ``None`` for a plain tree. ``group_size`` is ``None`` for int8 (per output column);
-    ``method`` is ``"awq"`` when ``ScaledWeight`` kernels are present, else ``"rtn"``."""
-    kernels = [x for x in jax.tree.leaves(tree, is_leaf=_is_kernel) if _is_kernel(x)]
+    """``{"bits", "group_size", "method", "scale_dtype", "int8"}`` read off a decode tree's
+    leaves, or ``None`` for a plain tree. ``group_size`` is ``None`` for int8 (per output
+    column); ``method`` is ``"awq"`` when ``ScaledWeight`` kernels are present, else ``"rtn"``;
+    ``int8`` names the linears that are int8 in every layer of an otherwise int4 tree."""
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_kernel)[0]
+    kernels = [(_linear_name(path), x) for path, x in flat if _is_kernel(x)]
     if not kernels:
         return None
-    qws = [k.weight if isinstance(k, ScaledWeight) else k for k in kernels]
-    if not all(isinstance(q, QuantizedWeight) for q in qws):
+    qws = [(n, k.weight if isinstance(k, ScaledWeight) else k) for n, k in kernels]
+    if not all(isinstance(q, QuantizedWeight) for _, q in qws):
         raise ValueError("decode tree mixes plain and quantized kernels: cannot describe it")
-    bits = {q.bits for q in qws}
-    scale_dtypes = {str(q.scales.dtype) for q in qws}
-    groups = {None} if bits == {8} else {q.group_size for q in qws}
-    if len(bits) != 1 or len(scale_dtypes) != 1 or len(groups) != 1:
+    bits = {q.bits for _, q in qws}
+    scale_dtypes = {str(q.scales.dtype) for _, q in qws}
+    groups = {q.group_size for _, q in qws if q.bits == 4} or {None}
+    bits_of = {n: {q.bits for m, q in qws if m == n} for n, _ in qws}
+    int8 = sorted(n for n, b in bits_of.items() if b == {8}) if bits == {4, 8} else []
+    if (
+        len(scale_dtypes) != 1
+        or len(groups) != 1
+        or any(len(b) != 1 for b in bits_of.values())
+        or (bits == {4, 8} and None in bits_of)
+    ):
         raise ValueError(
-            f"decode tree is not uniformly quantized (bits {sorted(bits)}, group sizes "
+            f"decode tree is not uniformly quantized (bits per linear {bits_of}, group sizes "
             f"{sorted(groups, key=str)}, scale dtypes {sorted(scale_dtypes)})"
         )
     return {
-        "bits": bits.pop(),
+        "bits": min(bits),
         "group_size": groups.pop(),
-        "method": "awq" if any(isinstance(k, ScaledWeight) for k in kernels) else "rtn",
+        "method": "awq" if any(isinstance(k, ScaledWeight) for _, k in kernels) else "rtn",
         "scale_dtype": scale_dtypes.pop(),
+        "int8": int8,
     }
+
+
+def _linear_name(path) -> str | None:
+    """The linear (``"down_proj"``, ...) a kernel's tree path lies under, if any."""
+    keys = [str(getattr(k, "key", "")) for k in path]
+    return next((k for k in reversed(keys) if k in LINEAR_NAMES), None)
 
 
 def normalize_quant(quant: dict | None) -> dict | None:
     """``quant`` with checked keys and canonical values (ValueError naming a bad one)."""
     if quant is None:
         return None
+    quant = {"int8": [], **quant}  # manifests written before mixed precision have no "int8"
     if set(quant) != set(QUANT_KEYS):
         raise ValueError(f"decode_quant must have exactly the keys {QUANT_KEYS}, got {quant}")
     quant = dict(quant)
@@ -99,6 +117,12 @@ def normalize_quant(quant: dict | None) -> dict | None:
     quant["scale_dtype"] = str(jnp.dtype(quant["scale_dtype"]))
     if quant["method"] not in ("rtn", "awq"):
         raise ValueError(f"decode_quant method must be 'rtn' or 'awq', got {quant['method']!r}")
+    int8 = quant["int8"]
+    if isinstance(int8, str) or not all(n in LINEAR_NAMES for n in int8):
+        raise ValueError(
+            f"decode_quant int8 must list linear names from {LINEAR_NAMES}, got {int8!r}"
+        )
+    quant["int8"] = [] if quant["bits"] == 8 else sorted(set(int8))
     return quant
 
 
@@ -129,6 +153,7 @@ def abstract_decode(cfg: ModelConfig, quant: dict | None):
             group_size=quant["group_size"] or 128,
             method="rtn",
             scale_dtype=jnp.dtype(quant["scale_dtype"]),
+            int8=tuple(quant["int8"]),
         )
 
     return jax.eval_shape(build)
@@ -162,7 +187,7 @@ def export(
     """Write a new complete version under ``root``; returns its directory. A ``tokenizer``
     (transformers) is saved inside the version, making the export self-contained.
 
-    ``decode_quant`` (``{"bits", "group_size", "method", "scale_dtype"}``) says how the decode
+    ``decode_quant`` (``QUANT_KEYS``) says how the decode
     tree is quantized; ``None`` infers it from the tree's leaves (``decode_quant_of``). Either
     way it is checked against the tree before anything is written."""
     if not prefill:

@@ -182,6 +182,33 @@ def test_awq_clip_leaves_q_and_k_alone():
         assert same == (name in ("q_proj", "k_proj")), name
 
 
+@pytest.mark.parametrize("method", ["rtn", "awq"])
+def test_mixed_precision_int8_linears(method):
+    """``int8=("down_proj", "v_proj")``: those kernels int8 in every layer, the rest int4; the
+    model is closer to float32 than the all-int4 tree, and AWQ searches each at its bits."""
+    cfg, params = _tiny()
+    calib, held = _tokens(cfg, (2, 64)), _tokens(cfg, (2, 32), seed=3)
+    kw = dict(group_size=32, method=method, calib_tokens=calib, grid=6)
+    int4 = quant.quantize_tree(cfg, params, **kw)
+    mixed = quant.quantize_tree(cfg, params, int8=("down_proj", "v_proj"), **kw)
+    for i in range(cfg.n_layers):
+        for mod, name in quant.LINEARS:
+            k = mixed[f"layers_{i}"][mod][name]["kernel"]
+            k = k.weight if isinstance(k, ScaledWeight) else k
+            assert k.bits == (8 if name in ("down_proj", "v_proj") else 4), (i, name)
+    ref = sunjax.forward(cfg, params, held)
+    err = lambda q: float(jnp.linalg.norm(sunjax.forward(cfg, q, held) - ref))
+    assert err(mixed) < err(int4), (err(mixed), err(int4))
+    assert (
+        quant.bytes_report(int4)["bytes"]
+        < quant.bytes_report(mixed)["bytes"]
+        < quant.bytes_report(quant.quantize_tree(cfg, params, bits=8))["bytes"]
+    )
+    cfg_s, params_s = _tiny(scan=True)  # the scanned layout stacks int8 kernels the same way
+    q_s = quant.quantize_tree(cfg_s, params_s, int8=("down_proj", "v_proj"), **kw)
+    chex.assert_trees_all_close(sunjax.unstack_layers(cfg_s, q_s), mixed, rtol=1e-6, atol=1e-6)
+
+
 def test_bad_arguments_raise_value_error():
     cfg, params = _tiny(spread_norms=False)
     with pytest.raises(ValueError, match="'gptq'"):
@@ -196,6 +223,10 @@ def test_bad_arguments_raise_value_error():
         quant.quantize_tree(cfg, params, bits=3)
     with pytest.raises(ValueError, match="group_size"):
         quant.quantize_tree(cfg, params, group_size=7)
+    with pytest.raises(ValueError, match="int8 must list linear names.*'down'"):
+        quant.quantize_tree(cfg, params, int8=("down",))
+    with pytest.raises(ValueError, match="int8 must list linear names.*'down_proj'"):
+        quant.quantize_tree(cfg, params, int8="down_proj")
     q = quant.quantize_tree(cfg, params, group_size=32)
     with pytest.raises(ValueError, match="already quantized"):
         quant.quantize_tree(cfg, q, group_size=32)

@@ -58,6 +58,7 @@ def test_int4_rtn_round_trip_and_pairing(tmp_path, base, prefill):
         "group_size": GROUP,
         "method": "rtn",
         "scale_dtype": "float32",
+        "int8": [],
     }
     assert len(_kernels(got)) == 7 * CFG.n_layers
     _, decode, pre, _ = load_export(tmp_path / "q")
@@ -89,8 +90,29 @@ def test_awq_round_trip_scanned_and_int8(tmp_path, base, prefill):
     assert manifest["decode_quant"]["bits"] == 8 and manifest["decode_quant"]["group_size"] is None
 
 
+def test_mixed_precision_round_trip(tmp_path, base, prefill):
+    calib = np.random.RandomState(0).randint(0, CFG.vocab_size, (2, 16))
+    kw = dict(group_size=GROUP, method="awq", calib_tokens=calib, grid=4)
+    mixed = quantize_tree(CFG, base, int8=("v_proj", "down_proj"), **kw)
+    got, manifest = _round_trip(tmp_path / "mixed", CFG, mixed, prefill)
+    assert manifest["decode_quant"] == {
+        "bits": 4,
+        "group_size": GROUP,
+        "method": "awq",
+        "scale_dtype": "float32",
+        "int8": ["down_proj", "v_proj"],
+    }
+    assert sorted(k.bits for k in _kernels(got) if isinstance(k, QuantizedWeight)) == (
+        [4] * 4 * CFG.n_layers + [8] * 2 * CFG.n_layers
+    )
+    # the all-int4 tree of the same base is another module: its prefill modules do not pair
+    with pytest.raises(ValueError, match="refusing to pair"):
+        load_prefill(tmp_path / "mixed", "a", quantize_tree(CFG, base, **kw))
+
+
 def test_explicit_decode_quant_is_checked(tmp_path, base, prefill):
     q = quantize_tree(CFG, base, bits=4, group_size=GROUP)
+    # without "int8" (as manifests before mixed precision were written): all-int4
     spec = {"bits": 4, "group_size": GROUP, "method": "rtn", "scale_dtype": "float32"}
     export(tmp_path / "ok", CFG, q, prefill, tokenizer_source="none", decode_quant=spec)
     chex.assert_trees_all_equal(load_decode(tmp_path / "ok")[1], q)
@@ -102,6 +124,15 @@ def test_explicit_decode_quant_is_checked(tmp_path, base, prefill):
             prefill,
             tokenizer_source="none",
             decode_quant=spec | {"group_size": 16},
+        )
+    with pytest.raises(ValueError, match="decode_quant=.*'int8': \\['down_proj'\\]"):
+        export(
+            tmp_path / "bad",
+            CFG,
+            q,
+            prefill,
+            tokenizer_source="none",
+            decode_quant=spec | {"int8": ["down_proj"]},
         )
     with pytest.raises(ValueError, match="prefill trees must be plain"):
         export(tmp_path / "bad", CFG, q, {"a": q}, tokenizer_source="none")

@@ -55,7 +55,7 @@ def test_qsun_run_exports_its_quantized_decode_module(tmp_path, patched):
     assert launch.main(["--config", _config(tmp_path, "q-arith", quant=quant)]) == 0
     assert launch.main(["--config", _config(tmp_path, "q-tool", quant=quant, task="tool")]) == 0
     meta = json.loads((tmp_path / "q-arith" / "run.json").read_text())
-    assert meta["decode_quant"] == {**quant, "scale_dtype": "float32"}
+    assert meta["decode_quant"] == {**launch.QUANT_DEFAULTS, **quant}
 
     run = launch.load_run(str(tmp_path / "q-arith"))
     assert export.decode_quant_of(run["decode"]) == meta["decode_quant"]
@@ -92,6 +92,7 @@ def test_export_refuses_runs_of_different_decode_modules(tmp_path, patched):
         ({"method": "gptq"}, "sun", "method must be 'rtn' or 'awq', got 'gptq'"),
         ({"scale_dtype": "int8"}, "sun", "scale_dtype must be float32 or bfloat16, got 'int8'"),
         ({"bitz": 4}, "sun", "exactly the keys"),
+        ({"int8": ["down"]}, "sun", "int8 must list linear names .*, got \\['down'\\]"),
         ({"bits": 4}, "full", "needs train.mode 'sun'"),
         ("int4", "sun", "must be a mapping"),
     ],
