@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check and timing in one run, for the lent device (`run` tool): ~8 minutes on an
+# Every GPU check and timing in one run, for the lent device (`run` tool): ~9 minutes on an
 # H100/H200. Writes JSON and logs under ${OUT:-out/gpu}. Each step is time-boxed and a failure
 # does not stop the next one. Test each part on the CPU first with its --tiny flag.
 set -u
@@ -16,4 +16,4 @@ nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/gpu.txt" 2>&1
 step kernel_tests 120 python -m pytest -q tests/kernels_pallas -k "Gpu or gpu"
 step quant_matmul 150 python -m kernels_pallas.quant_matmul.bench --out "$out/qmm"
 step decode_layers 120 python -m serve.bench_decode --out "$out/decode"
-step qsun_decode 120 python -m serve.bench_qsun --out "$out/qsun"
+step qsun_decode 180 python -m serve.bench_qsun --out "$out/qsun"

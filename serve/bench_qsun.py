@@ -1,7 +1,10 @@
-"""QSUN decode step: int4 decode tree vs bfloat16, Llama-3.1-8B shapes, side by side in one run.
+"""QSUN decode step: int4 decode trees vs bfloat16, Llama-3.1-8B shapes, side by side in one run.
 
     python -m serve.bench_qsun --out DIR [--batches 1 16 64] [--ctx 1024] [--steps 32]
-                               [--repeats 5] [--group-size 128] [--tiny]
+                               [--repeats 5] [--group-size 128] [--int8 down_proj v_proj] [--tiny]
+
+Trees: ``bf16``; ``int4`` (every linear int4); ``mixed`` (int4 with the ``--int8`` linears int8,
+the QSUN default's layout, ``train.launch.QUANT_DEFAULTS``; ``--int8`` with no names drops it).
 
 Random weights (``jax.jit(sunjax.init_params)``, bfloat16, layers unrolled), quantized on the
 device with ``sunjax.quant.quantize_tree`` (round-to-nearest: AWQ changes the values, not the
@@ -81,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--scale-dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    ap.add_argument("--int8", nargs="*", default=["down_proj", "v_proj"], help="mixed's int8")
     args = ap.parse_args(argv)
     small = args.tiny
     batches = args.batches or ([1, 4] if small else [1, 16, 64])
@@ -96,12 +100,14 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     bf16 = jax.jit(sunjax.init_params, static_argnums=0)(cfg, jax.random.key(0))
     jax.block_until_ready(bf16)
-    int4 = quant.quantize_tree(
-        cfg, bf16, bits=4, group_size=group_size, scale_dtype=jnp.dtype(args.scale_dtype)
+    q = lambda int8: quant.quantize_tree(
+        cfg, bf16, group_size=group_size, scale_dtype=jnp.dtype(args.scale_dtype), int8=int8
     )
-    jax.block_until_ready(int4)
+    trees = {"bf16": bf16, "int4": q(())}
+    if args.int8:
+        trees["mixed"] = q(tuple(args.int8))
+    jax.block_until_ready(trees)
     setup_s = time.perf_counter() - t0
-    trees = {"bf16": bf16, "int4": int4}
     sizes = {name: quant.bytes_report(tree) for name, tree in trees.items()}
     for name, tree in trees.items():  # a step reads B rows of the embedding table, not all
         sizes[name]["step_bytes"] = sizes[name]["bytes"] - quant.tree_bytes(tree["embed"])
@@ -114,24 +120,25 @@ def main(argv: list[str] | None = None) -> dict:
             r = time_decode(cfg, tree, batch, ctx, steps, repeats)
             read = sizes[name]["step_bytes"] + kv
             row[name] = {**r, "bytes_read": read, "gbps": read / r["seconds"] / 1e9}
-        row["speedup"] = row["bf16"]["seconds"] / row["int4"]["seconds"]
+        for name in trees:
+            row[name]["speedup"] = row["bf16"]["seconds"] / row[name]["seconds"]
         rows.append(row)
 
+    gb = ", ".join(
+        f"{n} {sizes[n]['bytes'] / 1e9:.2f} GB ({sizes[n]['linear_bytes_per_param']:.3f} B/param)"
+        for n in trees
+    )
     print(
         f"{path} | {jax.devices()[0].device_kind} | ctx {ctx} | int4 g{group_size} "
-        f"{args.scale_dtype} scales | weights bf16 {sizes['bf16']['bytes'] / 1e9:.2f} GB, "
-        f"int4 {sizes['int4']['bytes'] / 1e9:.2f} GB "
-        f"(linear {sizes['int4']['linear_bytes_per_param']:.3f} B/param)"
+        f"{args.scale_dtype} scales | mixed int8: {args.int8} | weights {gb}"
     )
-    print(
-        f"{'B':>4} {'bf16 ms':>9} {'int4 ms':>9} {'speedup':>8} {'bf16 GB/s':>10} {'int4 GB/s':>10}"
-    )
+    print(f"{'B':>4} " + " ".join(f"{n + ' ms':>9} {'x bf16':>7} {'GB/s':>6}" for n in trees))
     for r in rows:
-        print(
-            f"{r['batch']:>4} {r['bf16']['seconds'] * 1e3:>9.3f} "
-            f"{r['int4']['seconds'] * 1e3:>9.3f} "
-            f"{r['speedup']:>7.2f}x {r['bf16']['gbps']:>10.0f} {r['int4']['gbps']:>10.0f}"
+        cells = (
+            f"{r[n]['seconds'] * 1e3:>9.3f} {r[n]['speedup']:>6.2f}x {r[n]['gbps']:>6.0f}"
+            for n in trees
         )
+        print(f"{r['batch']:>4} " + " ".join(cells))
     result = {
         "config": path,
         "device": jax.devices()[0].device_kind,
@@ -143,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": repeats,
         "group_size": group_size,
         "scale_dtype": args.scale_dtype,
+        "mixed_int8": args.int8,
         "setup_seconds": setup_s,
         "sizes": sizes,
         "rows": rows,

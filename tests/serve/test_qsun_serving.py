@@ -1,6 +1,7 @@
-"""QSUN serving: an int4-quantized shared decode tree in the shard_map decode pool gives the
-greedy tokens of ``generate`` run alone with the same quantized tree; a quantized export
-serves end to end through ``serve.loop``."""
+"""QSUN serving: a quantized shared decode tree (int4, v_proj / down_proj int8: the QSUN
+default's layout) in the shard_map decode pool gives the greedy tokens of ``generate`` run
+alone with the same quantized tree; a quantized export serves end to end through
+``serve.loop``; the decode-step benchmark runs its three trees without recompiling."""
 
 import json
 
@@ -23,7 +24,7 @@ N_NEW = 8
 @pytest.fixture(scope="module")
 def qdecode(tiny):
     cfg, decode, _ = tiny
-    return quantize_tree(cfg, decode, bits=4, group_size=GROUP)
+    return quantize_tree(cfg, decode, bits=4, group_size=GROUP, int8=("down_proj", "v_proj"))
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +100,16 @@ def test_loop_serves_a_quantized_export(tmp_path, tiny, qdecode):
     }
     for r in reqs:
         assert rows[r.id]["token_ids"] == _alone(cfg, tasks[r.model], qdecode, r), r.id
+
+
+def test_bench_qsun_smoke(tmp_path):
+    from serve import bench_qsun
+
+    res = bench_qsun.main(["--tiny", "--out", str(tmp_path), "--repeats", "1"])
+    assert [r["batch"] for r in res["rows"]] == [1, 4]
+    for row in res["rows"]:
+        assert set(row) == {"batch", "kv_bytes", "bf16", "int4", "mixed"}
+        assert all(row[n]["recompiles"] == 0 and row[n]["seconds"] > 0 for n in ("int4", "mixed"))
+    b = {n: res["sizes"][n]["linear_bytes_per_param"] for n in ("bf16", "int4", "mixed")}
+    assert b["int4"] < b["mixed"] < b["bf16"] == 2.0, b
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == res["rows"]
