@@ -180,10 +180,7 @@ def quantize_tree(
         raise ValueError(f"bits must be 4 or 8, got {bits!r}")
     _check_clip(clip)
     bits_of = _bits_of(bits, int8)
-    scanned = cfg.scan_layers
-    if scanned:
-        params = unstack_layers(cfg, params)
-        cfg = dataclasses.replace(cfg, scan_layers=False)
+    restack, cfg, params = _unrolled(cfg, params)
     if method == "awq":
         params, _ = awq_scale(
             cfg,
@@ -210,7 +207,7 @@ def quantize_tree(
             else:
                 node["kernel"] = q(k)
         out[f"layers_{i}"] = layer
-    return stack_layers(cfg, out) if scanned else out
+    return restack(out)
 
 
 def _bits_of(bits: int, int8) -> Callable[[str], int]:
@@ -240,10 +237,20 @@ def collect_inputs(cfg: ModelConfig, params, tokens: Int[Array, "B T"]) -> dict:
     if tokens.ndim == 1:
         tokens = tokens[None]
     check_tokens(cfg, tokens, max_len=cfg.max_position_embeddings)
-    if cfg.scan_layers:
-        params = unstack_layers(cfg, params)
-        cfg = dataclasses.replace(cfg, scan_layers=False)
+    _, cfg, params = _unrolled(cfg, params)
     return _collect(cfg, params, jnp.asarray(tokens, jnp.int32))
+
+
+def _unrolled(cfg: ModelConfig, params):
+    """``(restack, cfg, params)`` in the unrolled layout; ``restack`` puts a tree in the layout
+    ``params`` came in."""
+    if not cfg.scan_layers:
+        return (lambda tree: tree), cfg, params
+    return (
+        functools.partial(stack_layers, cfg),
+        dataclasses.replace(cfg, scan_layers=False),
+        unstack_layers(cfg, params),
+    )
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -292,10 +299,7 @@ def awq_scale(
         raise ValueError(f"{grid=} must be >= 1")
     _check_clip(clip)
     bits_of = _bits_of(bits, int8)
-    scanned = cfg.scan_layers
-    if scanned:
-        params = unstack_layers(cfg, params)
-        cfg = dataclasses.replace(cfg, scan_layers=False)
+    restack, cfg, params = _unrolled(cfg, params)
     xs = collect_inputs(cfg, params, calib_tokens)
     alphas_grid = jnp.linspace(0.0, 1.0, grid) if grid > 1 else jnp.zeros((1,))
     ratios = jnp.asarray(CLIP_RATIOS, jnp.float32)
@@ -366,7 +370,7 @@ def awq_scale(
 
         out[f"layers_{i}"] = p
         alphas.append({k: float(v) for k, v in chosen.items()})
-    return (stack_layers(cfg, out) if scanned else out), alphas
+    return restack(out), alphas
 
 
 def _scale_rows(w: Float[Array, "K N"], s: Float[Array, " K"]) -> jax.Array:
