@@ -1,12 +1,13 @@
 """SUN vs QSUN on one task with many test examples (the report's settings, fewer columns).
 
     .venv/bin/python scripts/qsun_vs_sun.py --task tool --n-test 400 [--steps 60] [--out F]
-        [--quant '{"int8": []}']
+        [--quant '{"int8": []}'] [--seed 0]
 
 Trains a SUN and a QSUN prefill module on SmolLM2 (as ``sunjax report --model smollm2
 --steps 60 --batch-size 8 --lr 1e-4 --n-train 1000 --qsun``) and evaluates SUN, SUN + int4
 decode without retraining, and QSUN; prints and writes the accuracies as JSON. ``--quant``
-overlays ``QUANT_DEFAULTS`` (``'{"int8": []}'``: all-int4, no int8 linears).
+overlays ``QUANT_DEFAULTS`` (``'{"int8": []}'``: all-int4, no int8 linears). ``--seed`` is the
+training seed (batch order) of both modules; data, test set and quantization stay fixed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main() -> None:
     p.add_argument("--n-test", type=int, default=400)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--out", default=None)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quant", type=json.loads, default={}, help="JSON overlay of QUANT_DEFAULTS")
     args = p.parse_args()
     quant = normalize_quant({**QUANT_DEFAULTS, **args.quant})
@@ -39,7 +41,7 @@ def main() -> None:
     enc = encode(tok, pairs, prompt_len=None, response_len=None)
     tc = TrainConfig(
         mode="sun", steps=args.steps, batch_size=8, learning_rate=1e-4,
-        warmup_steps=args.steps // 10, seed=0,
+        warmup_steps=args.steps // 10, seed=args.seed,
     )  # fmt: skip
     fit = lambda dec, desc: train(cfg, tc, base, enc.batch, len(enc.pairs), decode_params=dec,
                                   desc=desc)[0]  # fmt: skip
@@ -51,7 +53,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"task": args.task, "n_test": len(test), "steps": args.steps,
-                       "decode_quant": quant, **acc}, f)  # fmt: skip
+                       "seed": args.seed, "decode_quant": quant, **acc}, f)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@
 * naive  — the full-FT tree as prefill module paired with the untouched base as decode module;
 * sun    — a prefill module trained through the frozen base decode module (SUN).
 
-With ``--qsun`` two columns more (QSUN: the decode module is the base quantized to int4 with
-AWQ, group 64):
+With ``--qsun`` two columns more (QSUN: the decode module is the base quantized as
+``train.launch.QUANT_DEFAULTS`` says: AWQ int4, group 64, with v_proj and down_proj int8):
 
 * sun+q  — the SUN prefill module paired with the quantized decode module, no retraining;
 * qsun   — a prefill module trained through the quantized decode module.
