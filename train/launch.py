@@ -30,8 +30,9 @@ from train.tasks import get_task
 from train.trainer import TrainConfig, train
 
 # int4 AWQ, but v_proj and down_proj int8 (as llama.cpp's Q4_K_M keeps attn_v / ffn_down at
-# higher precision): on SmolLM2's tool task (400 test examples) SUN's decode at all-int4 lost 3.5
-# points, with these two int8 (28% of the linear weights, 0.73 vs 0.63 B/param) 1.75.
+# higher precision): on SmolLM2's tool task (400 test examples, one SUN module) the decode module
+# at all-int4 cost 3.5 points, with these two int8 (28% of the linear weights, 0.73 vs 0.63
+# B/param) 1.5; group 128 cost 13 (reports/qsun/README.md).
 QUANT_DEFAULTS = {
     "bits": 4,
     "group_size": 64,
