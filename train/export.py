@@ -122,6 +122,8 @@ def normalize_quant(quant: dict | None) -> dict | None:
         raise ValueError(
             f"decode_quant int8 must list linear names from {LINEAR_NAMES}, got {int8!r}"
         )
+    if set(int8) == set(LINEAR_NAMES):  # every linear int8: that is the int8 tree
+        quant["bits"], quant["group_size"] = 8, None
     quant["int8"] = [] if quant["bits"] == 8 else sorted(set(int8))
     return quant
 

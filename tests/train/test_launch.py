@@ -108,3 +108,9 @@ def test_shipped_train_configs_parse(path):
     assert rc.out.startswith("runs/")
     if "qsun" in path:
         assert rc.decode_quant == {**launch.QUANT_DEFAULTS, "group_size": 64}
+
+
+def test_decode_quant_all_int8_linears_is_the_int8_tree():
+    every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    q = export.normalize_quant({**launch.QUANT_DEFAULTS, "int8": every})
+    assert q == {**launch.QUANT_DEFAULTS, "bits": 8, "group_size": None, "int8": []}
