@@ -75,6 +75,7 @@ LINEARS = (
     ("mlp", "up_proj"),
     ("mlp", "down_proj"),
 )
+LINEAR_NAMES = tuple(name for _, name in LINEARS)
 METHODS = ("rtn", "awq")
 CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0, 0.95, ..., 0.5
 DATA_DIR = pathlib.Path(__file__).parent / "data"
@@ -210,11 +211,16 @@ def quantize_tree(
     return restack(out)
 
 
+def check_int8(int8) -> tuple[str, ...]:
+    """The ``int8`` linear names, checked (ValueError naming a bad value), sorted, unique."""
+    if isinstance(int8, str) or not all(isinstance(n, str) and n in LINEAR_NAMES for n in int8):
+        raise ValueError(f"int8 must list linear names from {list(LINEAR_NAMES)}, got {int8!r}")
+    return tuple(sorted(set(int8)))
+
+
 def _bits_of(bits: int, int8) -> Callable[[str], int]:
-    """``name -> bits`` of a linear (``LINEARS``' second field) given the ``int8`` names."""
-    names = {n for _, n in LINEARS}
-    if isinstance(int8, str) or not all(isinstance(n, str) and n in names for n in int8):
-        raise ValueError(f"int8 must list linear names from {sorted(names)}, got {int8!r}")
+    """``name -> bits`` of a linear (``LINEAR_NAMES``) given the ``int8`` names."""
+    int8 = check_int8(int8)
     return lambda name: 8 if name in int8 else bits
 
 

@@ -36,11 +36,11 @@ from kernels_pallas.quant_matmul import QuantizedWeight
 from sunjax.config import ModelConfig
 from sunjax.linear import ScaledWeight
 from sunjax.model import init_params
+from sunjax.quant import LINEAR_NAMES, check_int8, quantize_tree
 from sunjax.sun import fingerprint
 
 MANIFEST_VERSION = 1
 QUANT_KEYS = ("bits", "group_size", "method", "scale_dtype", "int8")
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _versions(root: str) -> list[int]:
@@ -117,22 +117,16 @@ def normalize_quant(quant: dict | None) -> dict | None:
     quant["scale_dtype"] = str(jnp.dtype(quant["scale_dtype"]))
     if quant["method"] not in ("rtn", "awq"):
         raise ValueError(f"decode_quant method must be 'rtn' or 'awq', got {quant['method']!r}")
-    int8 = quant["int8"]
-    if isinstance(int8, str) or not all(n in LINEAR_NAMES for n in int8):
-        raise ValueError(
-            f"decode_quant int8 must list linear names from {LINEAR_NAMES}, got {int8!r}"
-        )
-    if set(int8) == set(LINEAR_NAMES):  # every linear int8: that is the int8 tree
+    int8 = check_int8(quant["int8"])
+    if int8 == tuple(sorted(LINEAR_NAMES)):  # every linear int8: that is the int8 tree
         quant["bits"], quant["group_size"] = 8, None
-    quant["int8"] = [] if quant["bits"] == 8 else sorted(set(int8))
+    quant["int8"] = [] if quant["bits"] == 8 else list(int8)
     return quant
 
 
 def abstract_decode(cfg: ModelConfig, quant: dict | None):
     """The abstract (``ShapeDtypeStruct``) decode tree of ``cfg`` quantized as ``quant``
     (a manifest's ``decode_quant``): the Orbax restore target."""
-    from sunjax.quant import quantize_tree  # heavy import, only for quantized exports
-
     quant = normalize_quant(quant)
 
     def build():
@@ -189,9 +183,9 @@ def export(
     """Write a new complete version under ``root``; returns its directory. A ``tokenizer``
     (transformers) is saved inside the version, making the export self-contained.
 
-    ``decode_quant`` (``QUANT_KEYS``) says how the decode
-    tree is quantized; ``None`` infers it from the tree's leaves (``decode_quant_of``). Either
-    way it is checked against the tree before anything is written."""
+    ``decode_quant`` (``QUANT_KEYS``) says how the decode tree is quantized; ``None`` infers it
+    from the tree's leaves (``decode_quant_of``). Either way it is checked against the tree
+    before anything is written."""
     if not prefill:
         raise ValueError("an export needs at least one task prefill module")
     for task in prefill:

@@ -116,24 +116,19 @@ def test_explicit_decode_quant_is_checked(tmp_path, base, prefill):
     spec = {"bits": 4, "group_size": GROUP, "method": "rtn", "scale_dtype": "float32"}
     export(tmp_path / "ok", CFG, q, prefill, tokenizer_source="none", decode_quant=spec)
     chex.assert_trees_all_equal(load_decode(tmp_path / "ok")[1], q)
-    with pytest.raises(ValueError, match="decode_quant="):
-        export(
-            tmp_path / "bad",
-            CFG,
-            q,
-            prefill,
-            tokenizer_source="none",
-            decode_quant=spec | {"group_size": 16},
-        )
-    with pytest.raises(ValueError, match="decode_quant=.*'int8': \\['down_proj'\\]"):
-        export(
-            tmp_path / "bad",
-            CFG,
-            q,
-            prefill,
-            tokenizer_source="none",
-            decode_quant=spec | {"int8": ["down_proj"]},
-        )
+    for wrong, match in [
+        ({"group_size": 16}, "decode_quant="),
+        ({"int8": ["down_proj"]}, "decode_quant=.*'int8': \\['down_proj'\\]"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            export(
+                tmp_path / "bad",
+                CFG,
+                q,
+                prefill,
+                tokenizer_source="none",
+                decode_quant=spec | wrong,
+            )
     with pytest.raises(ValueError, match="prefill trees must be plain"):
         export(tmp_path / "bad", CFG, q, {"a": q}, tokenizer_source="none")
     assert not os.path.exists(os.path.join(tmp_path, "bad", "LATEST"))
