@@ -14,6 +14,6 @@ step() {  # step NAME SECONDS CMD...
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/gpu.txt" 2>&1
 step kernel_tests 120 python -m pytest -q tests/kernels_pallas -k "Gpu or gpu"
-step quant_matmul 150 python -m kernels_pallas.quant_matmul.bench --out "$out/qmm"
-step decode_layers 120 python -m serve.bench_decode --out "$out/decode"
-step qsun_decode 180 python -m serve.bench_qsun --out "$out/qsun"
+step quant_matmul 150 python -m sunjax.cli bench matmul --out "$out/qmm"
+step decode_layers 120 python -m sunjax.cli bench decode --out "$out/decode"
+step qsun_decode 180 python -m sunjax.cli bench qsun --out "$out/qsun"

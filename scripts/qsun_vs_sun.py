@@ -20,11 +20,11 @@ import argparse
 import json
 
 import jax.numpy as jnp
+from train.export import normalize_quant
 
 from sunjax.quant import bytes_report, perplexity, read_text
 from train.data import encode
 from train.evaluate import evaluate
-from train.export import normalize_quant
 from train.launch import QUANT_DEFAULTS, load_base, quantize_base
 from train.tasks import TASKS
 from train.trainer import TrainConfig, train

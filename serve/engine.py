@@ -11,8 +11,10 @@ Letters: B decode slots, T bucketed prompt length, S cache positions, V vocab.
   decode tree, each slot sampled with its own settings (jitted, donated).
 
 Compiled shapes depend only on the prompt bucket and the slot count, never on a request, so
-serving many requests of varied lengths compiles ``prefill`` once per bucket and the rest once.
-The decode pool (``serve.pool``) runs ``decode_step`` inside ``shard_map`` over its workers.
+serving many requests of varied lengths compiles ``prefill`` once per bucket and the rest once
+(``sunjax.count_compiles`` checks it). The steps are ``sunjax.steps``' prefill-and-sample and
+decode-and-sample; the decode pool (``serve.pool``) runs the same ``decode_step`` inside
+``shard_map`` over its workers and ``Engine.insert`` on one worker's shard.
 """
 
 from __future__ import annotations
@@ -28,25 +30,36 @@ from jaxtyping import Array, Bool, Int
 from sunjax.cache import KVCache
 from sunjax.config import ModelConfig
 from sunjax.generate import bucket
-from sunjax.model import _run
-from sunjax.sampling import SamplingParams, sample
+from sunjax.sampling import SamplingParams
+from sunjax.steps import decode_and_sample, prefill_and_sample
 
 Params = dict  # a model's plain nested parameter dict
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EngineConfig:
-    """Decode slots per engine (per worker in a pool), cache length, smallest prompt bucket."""
+    """The decode slots and the cache: one config for an engine and for a decode pool.
 
-    slots: int = 8
+    ``workers`` decode workers (1 for a lone engine) of ``slots_per_worker`` slots each, every
+    slot a cache of ``max_len`` positions; prompts pad to buckets of at least ``min_bucket``."""
+
+    workers: int = 1
+    slots_per_worker: int = 8
     max_len: int = 256
     min_bucket: int = 8
 
     def __post_init__(self):
-        if self.slots < 1:
-            raise ValueError(f"slots={self.slots} must be >= 1")
+        if self.workers < 1:
+            raise ValueError(f"workers={self.workers} must be >= 1")
+        if self.slots_per_worker < 1:
+            raise ValueError(f"slots_per_worker={self.slots_per_worker} must be >= 1")
         if self.min_bucket < 1 or self.max_len < self.min_bucket:
             raise ValueError(f"need 1 <= min_bucket={self.min_bucket} <= max_len={self.max_len}")
+
+    @property
+    def slots(self) -> int:
+        """Slots over all workers."""
+        return self.workers * self.slots_per_worker
 
 
 @jax.tree_util.register_dataclass
@@ -99,8 +112,8 @@ def prefill_step(
     sampling: SamplingParams,
 ) -> tuple[KVCache, Int[Array, " 1"]]:
     cache = cfg.init_cache(1, tokens.shape[1])
-    logits, cache = _run(cfg, params, tokens, cache, length, length - 1)  # logits [1, 1, V]
-    return cache, sample(logits[:, 0], sampling, length)
+    token, _, cache = prefill_and_sample(cfg, params, tokens, length, cache, sampling)
+    return cache, token
 
 
 def insert_step(prefix: Prefix, state: DecodeState, slot: Int[Array, ""]) -> DecodeState:
@@ -117,10 +130,9 @@ def decode_step(
     cfg: ModelConfig, params: Params, state: DecodeState
 ) -> tuple[DecodeState, Int[Array, " B"]]:
     """Advance every active slot by one token; inactive slots keep their length."""
-    advance = state.active.astype(jnp.int32)
-    logits, cache = _run(cfg, params, state.tokens[:, None], state.cache, advance, None)
-    nxt = sample(logits[:, 0], state.sampling, cache.lengths)
-    nxt = jnp.where(state.active, nxt, 0)
+    nxt, _, cache = decode_and_sample(
+        cfg, params, state.tokens, state.cache, state.sampling, state.active
+    )
     return dataclasses.replace(state, cache=cache, tokens=nxt), nxt
 
 
@@ -132,7 +144,7 @@ _generate = jax.jit(decode_step, static_argnums=0, donate_argnums=2)
 class Engine:
     """Prefill / insert / generate for one model config on one device.
 
-    >>> eng = Engine(cfg, EngineConfig(slots=4, max_len=64))
+    >>> eng = Engine(cfg, EngineConfig(slots_per_worker=4, max_len=64))
     >>> state = eng.init_decode_state()
     >>> prefix = eng.prefill(task_params, [5, 6, 7], sampling_params())
     >>> state = eng.insert(prefix, state, slot=0)
@@ -149,7 +161,8 @@ class Engine:
             )
 
     def init_decode_state(self) -> DecodeState:
-        return init_decode_state(self.cfg, self.config.slots, self.config.max_len)
+        """The decode state of one worker (``slots_per_worker`` slots)."""
+        return init_decode_state(self.cfg, self.config.slots_per_worker, self.config.max_len)
 
     def bucket(self, n: int) -> int:
         return min(bucket(n, self.config.min_bucket), self.config.max_len)
@@ -195,12 +208,3 @@ class Engine:
     def generate(self, params: Params, state: DecodeState) -> tuple[DecodeState, jax.Array]:
         """One decode step of every slot with ``params``; ``state`` is donated."""
         return _generate(self.cfg, params, state)
-
-
-def compile_counts() -> dict[str, int]:
-    """How many shapes each jitted engine function has compiled (for recompilation tests)."""
-    return {
-        "prefill": _prefill._cache_size(),
-        "insert": _insert._cache_size(),
-        "generate": _generate._cache_size(),
-    }

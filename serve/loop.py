@@ -6,14 +6,13 @@ fine-tuned trees, model-affine routing), replays requests (a JSONL file or a gen
 workload) at their arrival times, and writes ``DIR/outputs.jsonl`` and ``DIR/summary.json``.
 
 Model sources are pluggable (``LOADERS``): ``random`` derives task modules from the base by a
-seeded perturbation; ``export`` reads a SUN export through ``train.export.load_export``.
+seeded perturbation; ``export`` reads a SUN export (``sunjax.export``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import os
 import time
@@ -23,16 +22,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from serve.engine import Engine, Params, sampling_params
-from serve.pool import DecodePool, PoolConfig, ensure_cpu_devices
+from serve.engine import EngineConfig, Params, sampling_params
+from serve.pool import DecodePool, ensure_cpu_devices
 from serve.router import LeastLoaded, ModelAffine, Router
 from serve.scheduler import QueueFull, Request, Result, Scheduler, Tokenizer
 from serve.workload import Arrival, WorkloadConfig, make_workload
 from sunjax import hub, init_params
 from sunjax.config import ModelConfig
 from sunjax.configs import load_model_config, overlay, read_yaml
+from sunjax.export import load_export
 from sunjax.generate import buckets
-from sunjax.sun import fingerprint
 from sunjax.tokenizer import chat_prompt, eos_ids, load_tokenizer
 
 TINY_MODEL = {
@@ -132,15 +131,11 @@ def load_random(config: ServeConfig) -> Models:
 
 
 def load_from_export(config: ServeConfig) -> Models:
-    """A SUN export: ``train.export.load_export(dir) -> (cfg, decode, {task: prefill}, manifest)``.
-    The manifest's ``decode_fingerprint`` (if present) must match the decode tree."""
+    """A SUN export (``sunjax.export.load_export``: every tree verified against its manifest
+    fingerprint, every prefill module against the decode tree it was trained with)."""
     if config.export is None:
         raise ValueError("loader 'export' needs export=<directory>")
-    load_export = importlib.import_module("train.export").load_export
     cfg, decode, prefill, manifest = load_export(config.export)
-    want = manifest.get("decode_fingerprint")
-    if want is not None and want != fingerprint(decode):
-        raise ValueError(f"export {config.export!r}: decode tree does not match {want=}")
     tok_path = manifest.get("tokenizer")
     tok = load_tokenizer(tok_path) if tok_path else None
     return Models(
@@ -161,7 +156,7 @@ LOADERS: dict[str, Callable[[ServeConfig], Models]] = {
 
 def build(config: ServeConfig, models: Models) -> tuple[DecodePool, Router]:
     """The decode pool and router of ``config.policy``, warmed up (see ``warm_up``)."""
-    pc = PoolConfig(
+    pc = EngineConfig(
         workers=config.workers,
         slots_per_worker=config.slots_per_worker,
         max_len=config.max_len,
@@ -184,9 +179,8 @@ def build(config: ServeConfig, models: Models) -> tuple[DecodePool, Router]:
 def warm_up(pool: DecodePool, params: Params) -> None:
     """Compile prefill for every bucket, insert on every worker, and the decode step, so
     latencies measure serving and not compilation."""
-    eng = Engine(pool.cfg, pool.config.engine)
     for n in buckets(pool.config.min_bucket, pool.config.max_len):
-        prefix = eng.prefill(params, [0] * min(n, pool.config.max_len), sampling_params())
+        prefix = pool.engine.prefill(params, [0] * min(n, pool.config.max_len), sampling_params())
         for w in range(pool.config.workers):
             pool.insert(prefix, w, 0)
     pool.set_active(np.zeros(pool.slots, bool))

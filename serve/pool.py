@@ -8,8 +8,9 @@ Letters: W workers, B slots per worker (W * B slots in all, sharded over ``"work
   worker holds its own model's full fine-tuned tree, stacked on a leading axis sharded over
   ``"workers"``. The step code is the same; only the parameter layout differs.
 
-KV hand-off: ``insert`` puts the prefix on the target worker's device (``jax.device_put``) and
-runs the engine's jitted insert on that worker's shard of the decode state alone.
+The step is the engine's pure ``decode_step`` inside ``shard_map``. KV hand-off: ``insert``
+puts the prefix on the target worker's device (``jax.device_put``) and runs ``Engine.insert``
+on that worker's shard of the decode state alone.
 """
 
 from __future__ import annotations
@@ -23,29 +24,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from serve.engine import DecodeState, EngineConfig, Params, Prefix, _insert, decode_step
+from serve.engine import DecodeState, Engine, EngineConfig, Params, Prefix, decode_step
 from serve.engine import init_decode_state as _init_state
 from sunjax.config import ModelConfig
 
 AXIS = "workers"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PoolConfig:
-    workers: int = 4
-    slots_per_worker: int = 8
-    max_len: int = 256
-    min_bucket: int = 8
-
-    def __post_init__(self):
-        if self.workers < 1:
-            raise ValueError(f"workers={self.workers} must be >= 1")
-
-    @property
-    def engine(self) -> EngineConfig:
-        return EngineConfig(
-            slots=self.slots_per_worker, max_len=self.max_len, min_bucket=self.min_bucket
-        )
 
 
 def shard_map(f, *, mesh: Mesh, in_specs, out_specs):
@@ -71,7 +54,7 @@ class DecodePool:
     def __init__(
         self,
         cfg: ModelConfig,
-        config: PoolConfig,
+        config: EngineConfig,
         *,
         decode_params: Params | None = None,
         worker_params: Sequence[Params] | None = None,
@@ -89,11 +72,7 @@ class DecodePool:
         if worker_params is not None and len(worker_params) != W:
             raise ValueError(f"worker_params has {len(worker_params)} trees for workers={W}")
         self.cfg, self.config = cfg, config
-        if config.max_len > cfg.max_position_embeddings:
-            raise ValueError(
-                f"max_len={config.max_len} exceeds "
-                f"max_position_embeddings={cfg.max_position_embeddings}"
-            )
+        self.engine = Engine(cfg, config)  # checks max_len against the model
         self.devices = devices[:W]
         self.mesh = Mesh(np.array(self.devices), (AXIS,))
         self.sharded = NamedSharding(self.mesh, P(AXIS))
@@ -104,7 +83,7 @@ class DecodePool:
         else:
             self.params = jax.tree.map(self._stack, *worker_params)
             param_spec = P(AXIS)
-        state = _init_state(cfg, W * config.slots_per_worker, config.max_len)
+        state = _init_state(cfg, config.slots, config.max_len)
         self.state: DecodeState = jax.device_put(state, self.sharded)
 
         shared = self.shared
@@ -130,7 +109,7 @@ class DecodePool:
 
     @property
     def slots(self) -> int:
-        return self.config.workers * self.config.slots_per_worker
+        return self.config.slots
 
     def slot_index(self, worker: int, slot: int) -> int:
         return worker * self.config.slots_per_worker + slot
@@ -143,11 +122,11 @@ class DecodePool:
     def insert(self, prefix: Prefix, worker: int, slot: int) -> None:
         """Hand ``prefix`` to ``worker`` and put it in that worker's local slot ``slot``."""
         device = self.devices[worker]
-        prefix = jax.device_put(dataclasses.replace(prefix, model=""), device)
+        prefix = jax.device_put(prefix, device)
         leaves, treedef = jax.tree.flatten(self.state)
         shards = [{s.device: s.data for s in a.addressable_shards} for a in leaves]
         local = treedef.unflatten([parts[device] for parts in shards])
-        local = _insert(prefix, local, jnp.int32(slot))  # donates this worker's shard only
+        local = self.engine.insert(prefix, local, slot)  # donates this worker's shard only
         rebuilt = []
         for a, parts, new in zip(leaves, shards, jax.tree.leaves(local), strict=True):
             parts[device] = new

@@ -79,11 +79,3 @@ class ModelAffine:
 
     def pick(self, model: str, free: Sequence[int]) -> int | None:
         return _most_free(self.workers_for(model), free)
-
-
-def make_router(policy: str, *, workers: int, models: Sequence[str]) -> Router:
-    if policy == "least_loaded":
-        return LeastLoaded(workers)
-    if policy == "model_affine":
-        return ModelAffine.split(models, workers)
-    raise ValueError(f"unknown router policy {policy!r}; choose least_loaded or model_affine")

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from serve.engine import Engine, Params, sampling_params
+from serve.engine import Params, sampling_params
 from serve.pool import DecodePool
 from serve.router import Router
 
@@ -155,7 +155,7 @@ class Scheduler:
             raise ValueError(f"max_queue={max_queue} must be >= 0")
         self.pool, self.router, self.tokenizer = pool, router, tokenizer
         self.prefill_params = dict(prefill_params)
-        self.engine = Engine(pool.cfg, pool.config.engine)
+        self.engine = pool.engine
         self.eos = frozenset(int(e) for e in eos_ids)
         self.max_queue, self.clock = max_queue, clock
         self.queue: collections.deque[_Live] = collections.deque()

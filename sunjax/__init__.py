@@ -6,9 +6,19 @@ different fine-tuned models batch together on the same workers.
 
 from sunjax.cache import KVCache
 from sunjax.config import ModelConfig, RopeScaling
-from sunjax.model import Transformer, decode_step, extend, forward, init_params, prefill
+from sunjax.export import fingerprint
+from sunjax.model import Transformer, init_params
 from sunjax.params import param_count, stack_layers, unstack_layers
-from sunjax.sun import SunParams, fingerprint, merge, split, sun_loss
+from sunjax.steps import (
+    count_compiles,
+    decode_and_sample,
+    decode_step,
+    extend,
+    forward,
+    prefill,
+    prefill_and_sample,
+)
+from sunjax.sun import SunParams, sun_loss
 from sunjax.weights_gguf import load_gguf
 from sunjax.weights_hf import load_hf
 
@@ -16,20 +26,21 @@ __all__ = [
     "KVCache",
     "ModelConfig",
     "RopeScaling",
+    "SunParams",
     "Transformer",
+    "count_compiles",
+    "decode_and_sample",
     "decode_step",
     "extend",
+    "fingerprint",
     "forward",
     "init_params",
     "load_gguf",
     "load_hf",
     "param_count",
     "prefill",
+    "prefill_and_sample",
     "stack_layers",
-    "SunParams",
-    "fingerprint",
-    "merge",
-    "split",
     "sun_loss",
     "unstack_layers",
 ]

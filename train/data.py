@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 
 from sunjax.sun import Batch, make_batch
-from sunjax.tokenizer import eos_ids
+from sunjax.tokenizer import chat_prompt, eos_ids
 from train.tasks import Example
 
 
@@ -31,16 +31,14 @@ def _fit(n: int) -> int:
 def encode_pairs(
     tokenizer, pairs: list[tuple], *, prompt_len: int | None, response_len: int | None
 ) -> Encoded:
-    """Tokenize ``(chat messages, target text)`` pairs: prompt with the chat template and a
-    generation prompt, response = target + EOS. Examples that do not fit raise ValueError;
-    a length of None means the longest example's, rounded up to a multiple of 16."""
+    """Tokenize ``(chat messages, target text)`` pairs: prompt = ``sunjax.tokenizer.chat_prompt``
+    (the one prompt format, shared with evaluation and serving), response = target + EOS.
+    Examples that do not fit raise ValueError; a length of None means the longest example's,
+    rounded up to a multiple of 16."""
     eos = eos_ids(tokenizer)[0]
     out = []
     for messages, target in pairs:
-        text = tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=True
-        )
-        prompt = tokenizer.encode(text, add_special_tokens=False)
+        prompt = chat_prompt(tokenizer, messages)
         out.append((prompt, tokenizer.encode(target, add_special_tokens=False) + [eos]))
     longest_p = max(len(p) for p, _ in out)
     longest_r = max(len(r) for _, r in out)

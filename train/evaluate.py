@@ -7,8 +7,8 @@ import numpy as np
 
 from sunjax.config import ModelConfig
 from sunjax.generate import generate
-from sunjax.tokenizer import eos_ids
-from train.tasks import Example, check, format_prompt
+from sunjax.tokenizer import chat_prompt, eos_ids
+from train.tasks import Example, check
 
 
 def evaluate(
@@ -22,9 +22,7 @@ def evaluate(
     batch_size: int = 64,
 ) -> dict:
     """Exact-match / pass@1 accuracy (greedy) of the pairing on ``examples``."""
-    prompts = [
-        tokenizer.encode(format_prompt(tokenizer, ex), add_special_tokens=False) for ex in examples
-    ]
+    prompts = [chat_prompt(tokenizer, ex.messages) for ex in examples]
     completions: list[str] = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]

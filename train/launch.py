@@ -5,16 +5,18 @@ Thin: reads a ``RunConfig`` (YAML overlay), loads the base, calls ``train.traine
 SUN path, and writes ``<out>/params`` (Orbax) and ``<out>/run.json``.
 
 QSUN: ``decode_quant: {bits: 4, group_size: 64, method: awq, int8: [down_proj, v_proj]}`` (keys
-and defaults: ``QUANT_DEFAULTS``; with ``mode: sun``) trains the prefill module through the base
-quantized once by ``quantize_base``; that decode tree is saved as ``<out>/decode`` and
-``sunjax export`` ships it as the shared decode module.
+and defaults: ``sunjax.quant.QUANT_DEFAULTS``; with ``mode: sun``) trains the prefill module
+through the base quantized once by ``train.base.quantize_base``; that decode tree is saved as
+``<out>/decode`` and ``sunjax export`` ships it as the shared decode module.
+
+``sunjax export --runs DIR... --out ROOT`` (``export_main``) writes finished runs as one
+export (``sunjax.export``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 
@@ -22,24 +24,13 @@ import jax
 import orbax.checkpoint as ocp
 
 from sunjax.configs import overlay, read_yaml
-from sunjax.sun import fingerprint
+from sunjax.export import export, fingerprint
+from sunjax.quant import QUANT_DEFAULTS, abstract_decode, normalize_quant
+from train.base import load_base, quantized_base
 from train.data import encode
 from train.evaluate import evaluate
-from train.export import abstract_decode, normalize_quant
 from train.tasks import get_task
 from train.trainer import TrainConfig, train
-
-# int4 AWQ, but v_proj and down_proj int8 (as llama.cpp's Q4_K_M keeps attn_v / ffn_down at
-# higher precision): on SmolLM2's tool task (400 test examples, one SUN module) the decode module
-# at all-int4 cost 3.5 points, with these two int8 (28% of the linear weights, 0.73 vs 0.63
-# B/param) 1.5; group 128 cost 13 (reports/qsun/README.md).
-QUANT_DEFAULTS = {
-    "bits": 4,
-    "group_size": 64,
-    "method": "awq",
-    "scale_dtype": "float32",
-    "int8": ["down_proj", "v_proj"],
-}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,71 +66,12 @@ class RunConfig:
             )
 
 
-@functools.lru_cache(maxsize=2)
-def load_base(base: str):
-    """``(cfg, params, tokenizer, tokenizer_source)``, loaded once per process."""
-    if base == "tiny":
-        from train.pretrain import tiny_base
-
-        cfg, params, tok = tiny_base()
-        return cfg, params, tok, "tiny"
-    from sunjax import hub
-
-    cfg, params, tok = hub.load(base)
-    return cfg, params, tok, hub.resolve(base)
-
-
-def quantize_base(
-    cfg, params, tok, quant: dict, *, seed: int = 0, rows: int = 4, row_len: int = 512
-):
-    """The decode tree quantized as ``quant`` (``QUANT_DEFAULTS`` keys). AWQ calibrates on
-    ``rows`` x ``row_len`` tokens of the general pretraining mixture, chat-formatted: no task
-    data, since one decode module serves every task."""
-    import jax.numpy as jnp
-
-    from sunjax.quant import quantize_tree
-    from train.pretrain import corpus
-
-    quant = normalize_quant({**QUANT_DEFAULTS, **quant})
-    calib = None
-    if quant["method"] == "awq":
-        ids, n = [], 64
-        while len(ids) < rows * row_len:
-            text = "".join(
-                tok.apply_chat_template(
-                    list(m) + [{"role": "assistant", "content": r}], tokenize=False
-                )
-                for m, r in corpus(n, seed + 1)
-            )
-            ids, n = tok.encode(text, add_special_tokens=False), 2 * n
-        calib = jnp.asarray(ids[: rows * row_len]).reshape(rows, row_len)
-    return quantize_tree(
-        cfg,
-        params,
-        bits=quant["bits"],
-        group_size=quant["group_size"] or 128,
-        method=quant["method"],
-        calib_tokens=calib,
-        scale_dtype=jnp.dtype(quant["scale_dtype"]),
-        int8=tuple(quant["int8"]),
-    )
-
-
-@functools.lru_cache(maxsize=2)
-def _quantized_base(base: str, quant_json: str, seed: int):
-    cfg, params, tok, _ = load_base(base)
-    return quantize_base(cfg, params, tok, json.loads(quant_json), seed=seed)
-
-
 def run(rc: RunConfig, *, progress: bool = True) -> dict:
     cfg, base, tok, tok_source = load_base(rc.base)
     sun = rc.train.mode == "sun"
-    if rc.decode_quant is None:
-        decode = base
-    else:
-        decode = _quantized_base(
-            rc.base, json.dumps(rc.decode_quant, sort_keys=True), rc.train.seed
-        )
+    decode = base
+    if rc.decode_quant is not None:
+        decode = quantized_base(rc.base, rc.decode_quant, rc.train.seed)
     task = get_task(rc.task)
     enc = encode(
         tok,
@@ -172,6 +104,7 @@ def run(rc: RunConfig, *, progress: bool = True) -> dict:
         "base": rc.base,
         "tokenizer_source": tok_source,
         "decode_fingerprint": fingerprint(decode),
+        "params_fingerprint": fingerprint(params),
         "decode_quant": rc.decode_quant,
         "accuracy": result["accuracy"],
         "final_loss": history[-1]["loss"] if history else None,
@@ -197,6 +130,11 @@ def load_run(out: str) -> dict:
         )
     else:
         decode = base if meta["mode"] == "sun" else params
+    if fingerprint(params) != meta["params_fingerprint"]:
+        raise ValueError(
+            f"run {out!r}: the saved module does not match run.json's params_fingerprint "
+            f"{meta['params_fingerprint'][:12]}: the checkpoint is corrupted or replaced"
+        )
     if fingerprint(decode) != meta["decode_fingerprint"]:
         raise ValueError(
             f"run {out!r} was trained against decode tree {meta['decode_fingerprint'][:12]}, "
@@ -215,6 +153,32 @@ def main(argv: list[str] | None = None) -> int:
         data["out"] = args.out
     meta = run(overlay(RunConfig, data))
     print(json.dumps({k: meta[k] for k in ("task", "mode", "accuracy", "final_loss")}))
+    return 0
+
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="sunjax export", description="export finished runs: one decode tree + task modules"
+    )
+    p.add_argument("--runs", nargs="+", required=True, help="run directories of `sunjax train`")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    runs = [load_run(r) for r in args.runs]
+    decode_fp = {r["meta"]["decode_fingerprint"] for r in runs}
+    if len(decode_fp) != 1:
+        raise SystemExit(f"runs were trained against different decode trees: {decode_fp}")
+    first = runs[0]
+    vdir = export(
+        args.out,
+        first["cfg"],
+        first["decode"],
+        {r["meta"]["task"]: r["params"] for r in runs},
+        tokenizer_source=first["meta"]["tokenizer_source"],
+        tokenizer=first["tokenizer"],
+        metadata={r["meta"]["task"]: r["meta"] for r in runs},
+    )
+    print(f"exported {len(runs)} task(s) to {vdir}")
     return 0
 
 

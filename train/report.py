@@ -8,7 +8,7 @@
 * sun    — a prefill module trained through the frozen base decode module (SUN).
 
 With ``--qsun`` two columns more (QSUN: the decode module is the base quantized as
-``train.launch.QUANT_DEFAULTS`` says: AWQ int4, group 64, with v_proj and down_proj int8):
+``sunjax.quant.QUANT_DEFAULTS`` says: AWQ int4, group 64, with v_proj and down_proj int8):
 
 * sun+q  — the SUN prefill module paired with the quantized decode module, no retraining;
 * qsun   — a prefill module trained through the quantized decode module.
@@ -24,9 +24,10 @@ import json
 import os
 import time
 
+from sunjax.quant import QUANT_DEFAULTS
+from train.base import load_base, quantize_base
 from train.data import encode
 from train.evaluate import evaluate
-from train.launch import QUANT_DEFAULTS, load_base, quantize_base
 from train.pretrain import tiny_base
 from train.tasks import TASKS, get_task
 from train.trainer import TrainConfig, train

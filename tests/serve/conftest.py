@@ -3,7 +3,8 @@
 import jax
 import pytest
 
-from serve.pool import DecodePool, PoolConfig
+from serve.engine import EngineConfig
+from serve.pool import DecodePool
 from sunjax import ModelConfig, init_params
 
 MODELS = ("math", "code", "tool")
@@ -30,7 +31,7 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def pool_config():
-    return PoolConfig(workers=WORKERS, slots_per_worker=SLOTS, max_len=MAX_LEN)
+    return EngineConfig(workers=WORKERS, slots_per_worker=SLOTS, max_len=MAX_LEN)
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,10 @@ from serve import loop
 from serve.pool import DecodePool
 from serve.router import LeastLoaded
 from serve.scheduler import Request, Scheduler
+from sunjax.export import export
 from sunjax.generate import generate
 from sunjax.quant import quantize_tree
 from tests.serve.conftest import MODELS
-from train.export import export
 
 GROUP = 16  # divides d_model=32, n_heads*head_dim=32 and ffn_dim=48 of the tiny model
 N_NEW = 8
@@ -103,7 +103,7 @@ def test_loop_serves_a_quantized_export(tmp_path, tiny, qdecode):
 
 
 def test_bench_qsun_smoke(tmp_path):
-    from serve import bench_qsun
+    from apps.bench import qsun as bench_qsun
 
     res = bench_qsun.main(["--tiny", "--out", str(tmp_path), "--repeats", "1"])
     assert [r["batch"] for r in res["rows"]] == [1, 4]

@@ -156,7 +156,7 @@ def test_awq_clip_search_never_raises_layer_error(outliers):
     if outliers:  # 2 huge weights per group of 32 rows, on input channels that are nearly off
         x, w = x.at[:, ::16].multiply(0.01), w.at[::16].multiply(20.0)
     ratios = jnp.asarray(quant.CLIP_RATIOS)
-    clipped, r = quant._clip_search(ratios, x, w, bits=4, group_size=gs)
+    clipped, r = quant.awq._clip_search(ratios, x, w, bits=4, group_size=gs)
     assert r.shape == (K // gs, N) and float(jnp.min(r)) >= 0.5 and float(jnp.max(r)) == 1.0
     # the clipped kernel's own round-to-nearest grid is the searched one: scale = r * range / 15
     wg = w.reshape(K // gs, gs, N)

@@ -1,13 +1,12 @@
 """The SUN loss equals the NLL of actually serving: prefill (prefill tree) + decode_step
 (decode tree), teacher-forced; gradients reach only the prefill tree."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import sunjax
-from sunjax.sun import SunParams, make_batch, merge, split, sun_loss, sun_token_nll
+from sunjax.sun import make_batch, sun_loss, sun_token_nll
 
 
 def _cfg():
@@ -64,10 +63,3 @@ def test_gradient_reaches_prefill_tree_only_through_kv_and_first_token():
     last = g1[f"layers_{cfg.n_layers - 1}"]
     assert float(jnp.abs(last["mlp"]["up_proj"]["kernel"]).sum()) > 0
     assert float(jnp.abs(last["attn"]["k_proj"]["kernel"]).sum()) > 0
-
-
-def test_split_and_merge_are_inverse():
-    cfg = _cfg()
-    p = sunjax.init_params(cfg, jax.random.PRNGKey(3))
-    sp = SunParams(prefill=p, decode=jax.tree.map(lambda x: x + 1, p))
-    chex.assert_trees_all_equal(split(merge(sp)), sp)

@@ -12,11 +12,11 @@ import pytest
 
 import sunjax
 from kernels_pallas.quant_matmul import QuantizedWeight
+from sunjax.export import export, latest, load_decode, load_export, load_prefill
 from sunjax.linear import ScaledWeight
 from sunjax.quant import quantize_tree
 from sunjax.sun import fingerprint
 from tests.train.test_trainer import CFG  # the same tiny model
-from train.export import export, latest, load_decode, load_export, load_prefill
 
 GROUP = 32
 

@@ -1,6 +1,6 @@
 """Verifiable task families for fine-tuning prefill modules, and loaders of the real benchmarks.
 
-    from train.tasks import TASKS, format_prompt
+    from train.tasks import TASKS
 
     task = TASKS["arith"]
     examples = task.generate(1000, split="train", seed=0, difficulty="tiny")
@@ -14,7 +14,7 @@ tests in a sandbox), "tool" (JSON function calls checked like BFCL's AST checker
 """
 
 from train.tasks import arith, code, tool
-from train.tasks.base import DIFFICULTIES, SPLITS, Example, Task, format_prompt, split_bucket
+from train.tasks.base import DIFFICULTIES, SPLITS, Example, Task, split_bucket
 from train.tasks.benchmarks import load_bfcl_simple_python, load_humaneval
 from train.tasks.sandbox import extract_code, run_python
 from train.tasks.tool import check_call, parse_call
@@ -43,7 +43,6 @@ __all__ = [
     "check",
     "check_call",
     "extract_code",
-    "format_prompt",
     "get_task",
     "load_bfcl_simple_python",
     "load_humaneval",

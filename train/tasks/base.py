@@ -14,7 +14,6 @@ import hashlib
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
 
 SPLITS = ("train", "val", "test")
 DIFFICULTIES = ("tiny", "small")
@@ -107,14 +106,3 @@ def split_bucket(text: str) -> int:
     """The hash bucket (0 .. _BUCKETS - 1) a user request belongs to; stable across runs."""
     digest = hashlib.sha256(text.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "little") % _BUCKETS
-
-
-class ChatTokenizer(Protocol):
-    def apply_chat_template(self, conversation: list, **kwargs: object) -> str: ...
-
-
-def format_prompt(tokenizer: ChatTokenizer, example: Example) -> str:
-    """The prompt text with the tokenizer's chat template, ending where the response starts."""
-    return tokenizer.apply_chat_template(
-        [dict(m) for m in example.messages], tokenize=False, add_generation_prompt=True
-    )

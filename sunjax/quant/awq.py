@@ -1,4 +1,5 @@
-"""QSUN: int4 / int8 weight-only quantization of the shared decode tree (RTN or AWQ).
+"""AWQ for the shared decode tree: activation-aware scales and clipping, searched on
+calibration tokens, folded into the tree (still unquantized; ``quantize_tree`` rounds it).
 
 Letters: M calibration tokens (batch x length flattened), D model dim, F ffn dim,
 K a linear layer's input dim, N its output dim, L layers.
@@ -48,11 +49,7 @@ Not done: calibration through already-quantized layers.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
-import pathlib
-from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -60,178 +57,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from kernels_pallas.quant_matmul import QuantizedWeight, dequantize, quantize
+from kernels_pallas.quant_matmul import dequantize, quantize
 from sunjax.config import ModelConfig
 from sunjax.linear import ScaledWeight
-from sunjax.model import Linear, Transformer, check_tokens, forward
-from sunjax.params import stack_layers, unstack_layers
+from sunjax.model import Linear, check_tokens
+from sunjax.quant.layout import bits_of, check_clip, copy_tree, unrolled
+from sunjax.steps import run
 
-LINEARS = (
-    ("attn", "q_proj"),
-    ("attn", "k_proj"),
-    ("attn", "v_proj"),
-    ("attn", "o_proj"),
-    ("mlp", "gate_proj"),
-    ("mlp", "up_proj"),
-    ("mlp", "down_proj"),
-)
-LINEAR_NAMES = tuple(name for _, name in LINEARS)
-METHODS = ("rtn", "awq")
 CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0, 0.95, ..., 0.5
-DATA_DIR = pathlib.Path(__file__).parent / "data"
-
-
-# -- text -----------------------------------------------------------------------------------
-def read_text(name: str) -> str:
-    """``sunjax/data/{name}.txt``: ``"heldout"`` (evaluation) or ``"calib"`` (AWQ calibration)."""
-    path = DATA_DIR / f"{name}.txt"
-    if not path.is_file():
-        known = sorted(p.stem for p in DATA_DIR.glob("*.txt"))
-        raise ValueError(f"no text named {name!r} in {DATA_DIR} (known: {known})")
-    return path.read_text(encoding="utf-8")
-
-
-def perplexity(cfg: ModelConfig, params, tokens: Int[Array, " T"], window: int) -> float:
-    """exp(mean next-token NLL) over non-overlapping windows of ``window`` tokens.
-
-    Each window is scored on its own (its first token is context only); a trailing partial
-    window is dropped.
-    """
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 1:
-        raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
-    if not 2 <= window <= cfg.max_position_embeddings:
-        raise ValueError(f"{window=} must lie in [2, {cfg.max_position_embeddings}]")
-    n = tokens.shape[0] // window
-    if n == 0:
-        raise ValueError(f"{tokens.shape[0]} tokens are fewer than one {window=}")
-    batch = tokens[: n * window].reshape(n, window)
-    logits = forward(cfg, params, batch)  # [n, window, V]
-    return float(jnp.exp(_mean_nll(logits, jnp.asarray(batch, jnp.int32))))
-
-
-@jax.jit
-def _mean_nll(logits: Float[Array, "B T V"], tokens: Int[Array, "B T"]) -> jax.Array:
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)
-    return jnp.mean(nll)
-
-
-# -- size -----------------------------------------------------------------------------------
-def tree_bytes(params) -> int:
-    """Bytes of every array in the tree (quantized payload, scales and zeros included)."""
-    return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))
-
-
-def bytes_report(params) -> dict[str, float]:
-    """Bytes and logical parameter counts: whole tree and the linear kernels of the layers.
-
-    A quantized ``W[K, N]`` counts ``K * N`` parameters; an AWQ ``in_scale`` counts as bytes
-    only. ``bytes_per_param`` of a bfloat16 tree is 2.0.
-    """
-    total_b = total_p = lin_b = lin_p = 0
-    is_kernel = lambda x: isinstance(x, (QuantizedWeight, ScaledWeight))
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_kernel)[0]:
-        b = tree_bytes(leaf)
-        inner = leaf.weight if isinstance(leaf, ScaledWeight) else leaf
-        p = math.prod(inner.shape)
-        total_b, total_p = total_b + b, total_p + p
-        if str(getattr(path[-1], "key", "")) == "kernel" and "lm_head" not in jax.tree_util.keystr(
-            path
-        ):
-            lin_b, lin_p = lin_b + b, lin_p + p
-    return {
-        "bytes": total_b,
-        "params": total_p,
-        "bytes_per_param": total_b / max(total_p, 1),
-        "linear_bytes": lin_b,
-        "linear_params": lin_p,
-        "linear_bytes_per_param": lin_b / max(lin_p, 1),
-    }
-
-
-# -- quantization ---------------------------------------------------------------------------
-def quantize_tree(
-    cfg: ModelConfig,
-    params,
-    *,
-    bits: int = 4,
-    group_size: int = 128,
-    method: str = "rtn",
-    calib_tokens: Int[Array, "B T"] | None = None,
-    scale_dtype=jnp.float32,
-    grid: int = 20,
-    clip: bool = True,
-    int8: tuple[str, ...] = (),
-):
-    """The decode tree with every linear kernel of the layers quantized.
-
-    ``method="rtn"``: round-to-nearest. ``method="awq"``: activation-aware scales searched on
-    ``calib_tokens`` (``[B, T]`` or ``[T]`` token ids), folded as in the module docstring,
-    then (``clip=True``) AWQ's weight-clipping search, then round-to-nearest. ``clip`` is
-    ignored by ``method="rtn"``. ``int8``: names of ``LINEARS`` (``"down_proj"``, ...) quantized
-    to int8 in every layer whatever ``bits`` says. Works on the unrolled and the scanned layer
-    layout.
-    """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method == "awq" and calib_tokens is None:
-        raise ValueError("method='awq' needs calib_tokens, got None")
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
-    _check_clip(clip)
-    bits_of = _bits_of(bits, int8)
-    restack, cfg, params = _unrolled(cfg, params)
-    if method == "awq":
-        params, _ = awq_scale(
-            cfg,
-            params,
-            calib_tokens,
-            bits=bits,
-            group_size=group_size,
-            grid=grid,
-            clip=clip,
-            int8=int8,
-        )
-    out = dict(params)
-    for i in range(cfg.n_layers):
-        layer = _copy(params[f"layers_{i}"])
-        for mod, name in LINEARS:
-            node = layer[mod][name]
-            k = node["kernel"]
-            b = bits_of(name)
-            q = lambda w, b=b: quantize(w, bits=b, group_size=group_size, scale_dtype=scale_dtype)
-            if isinstance(k, ScaledWeight):
-                node["kernel"] = ScaledWeight(q(k.weight), k.in_scale)
-            elif isinstance(k, QuantizedWeight):
-                raise ValueError(f"layers_{i}/{mod}/{name} is already quantized")
-            else:
-                node["kernel"] = q(k)
-        out[f"layers_{i}"] = layer
-    return restack(out)
-
-
-def check_int8(int8) -> tuple[str, ...]:
-    """The ``int8`` linear names, checked (ValueError naming a bad value), sorted, unique."""
-    if isinstance(int8, str) or not all(isinstance(n, str) and n in LINEAR_NAMES for n in int8):
-        raise ValueError(f"int8 must list linear names from {list(LINEAR_NAMES)}, got {int8!r}")
-    return tuple(sorted(set(int8)))
-
-
-def _bits_of(bits: int, int8) -> Callable[[str], int]:
-    """``name -> bits`` of a linear (``LINEAR_NAMES``) given the ``int8`` names."""
-    int8 = check_int8(int8)
-    return lambda name: 8 if name in int8 else bits
-
-
-def _check_clip(clip) -> None:
-    if not isinstance(clip, (bool, np.bool_)):
-        raise ValueError(f"clip must be True or False, got {clip!r}")
-
-
-def _copy(tree):
-    """Copy of the nested dicts (leaves shared)."""
-    return {k: _copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
 
 
 def collect_inputs(cfg: ModelConfig, params, tokens: Int[Array, "B T"]) -> dict:
@@ -243,20 +76,8 @@ def collect_inputs(cfg: ModelConfig, params, tokens: Int[Array, "B T"]) -> dict:
     if tokens.ndim == 1:
         tokens = tokens[None]
     check_tokens(cfg, tokens, max_len=cfg.max_position_embeddings)
-    _, cfg, params = _unrolled(cfg, params)
+    _, cfg, params = unrolled(cfg, params)
     return _collect(cfg, params, jnp.asarray(tokens, jnp.int32))
-
-
-def _unrolled(cfg: ModelConfig, params):
-    """``(restack, cfg, params)`` in the unrolled layout; ``restack`` puts a tree in the layout
-    ``params`` came in."""
-    if not cfg.scan_layers:
-        return (lambda tree: tree), cfg, params
-    return (
-        functools.partial(stack_layers, cfg),
-        dataclasses.replace(cfg, scan_layers=False),
-        unstack_layers(cfg, params),
-    )
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -270,12 +91,8 @@ def _collect(cfg: ModelConfig, params, tokens):
             seen["/".join(context.module.path)] = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
         return next_fun(*args, **kwargs)
 
-    cache = cfg.init_cache(B, T)
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     with nn.intercept_methods(record):
-        Transformer(cfg).apply(
-            {"params": params}, tokens, positions, cache.k, cache.v, cache.lengths
-        )
+        run(cfg, params, tokens, cfg.init_cache(B, T), jnp.full((B,), T, jnp.int32))
     return seen
 
 
@@ -303,28 +120,28 @@ def awq_scale(
     """
     if grid < 1:
         raise ValueError(f"{grid=} must be >= 1")
-    _check_clip(clip)
-    bits_of = _bits_of(bits, int8)
-    restack, cfg, params = _unrolled(cfg, params)
+    check_clip(clip)
+    bits_of_ = bits_of(bits, int8)
+    restack, cfg, params = unrolled(cfg, params)
     xs = collect_inputs(cfg, params, calib_tokens)
     alphas_grid = jnp.linspace(0.0, 1.0, grid) if grid > 1 else jnp.zeros((1,))
     ratios = jnp.asarray(CLIP_RATIOS, jnp.float32)
 
     def search(x, kernels: dict):  # one scale for the linears reading x: {name: kernel}
         ws = tuple(w.astype(jnp.float32) for w in kernels.values())
-        b = tuple(bits_of(n) for n in kernels)
+        b = tuple(bits_of_(n) for n in kernels)
         return _search(alphas_grid, x, ws, bits=b, group_size=group_size)
 
     def clipped(x, w, name):  # x: the input the (scaled) kernel w sees
         c, _ = _clip_search(
-            ratios, x, w.astype(jnp.float32), bits=bits_of(name), group_size=group_size
+            ratios, x, w.astype(jnp.float32), bits=bits_of_(name), group_size=group_size
         )
         return c.astype(w.dtype)
 
     out = dict(params)
     alphas = []
     for i in range(cfg.n_layers):
-        p = _copy(params[f"layers_{i}"])
+        p = copy_tree(params[f"layers_{i}"])
         a, m = p["attn"], p["mlp"]
         x = lambda name, i=i: xs[f"layers_{i}/{name}"]
         chosen = {}
@@ -375,7 +192,7 @@ def awq_scale(
                     node["kernel"] = clipped(xe, k, lin)
 
         out[f"layers_{i}"] = p
-        alphas.append({k: float(v) for k, v in chosen.items()})
+        alphas.append(chosen)  # 0-d arrays (traceable: spec.abstract_decode)
     return restack(out), alphas
 
 

@@ -1,11 +1,11 @@
 """Decode step vs its bandwidth floor, both layer modes (``lax.scan`` and unrolled), one run.
 
-    python -m serve.bench_decode --out DIR [--batches 1 32] [--ctx 1024] [--tiny]
+    sunjax bench decode --out DIR [--batches 1 32] [--ctx 1024] [--tiny]
                                  [--bandwidth 4245e9]
 
 Llama-3.1-8B shapes, random bfloat16 weights. The floor is (bytes of every weight a step reads
 + the whole KV cache) / HBM bandwidth (default: 4,245 GB/s, the device copy measured on an
-H200 in ANCHORS.md). Timing as in ``serve.bench_qsun``: many steps dispatched back to back and
+H200 in ANCHORS.md). Timing as in ``apps.bench.qsun``: many steps dispatched back to back and
 one sync, median of repeats. ``--tiny`` is a CPU smoke run, not a measurement.
 """
 
@@ -18,7 +18,7 @@ import os
 import jax
 
 import sunjax
-from serve.bench_qsun import CONFIGS, _kv_bytes, time_decode
+from apps.bench.qsun import CONFIGS, _kv_bytes, time_decode
 from sunjax import quant
 from sunjax.configs import load_model_config
 

@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from serve.loop import ServeConfig, build, load_from_export, serve_once, write_outputs
     from serve.workload import WorkloadConfig, make_workload
-    from train.export import export
-    from train.launch import load_base
+    from sunjax.export import export
+    from train.base import load_base
     from train.report import markdown, run_report
 
     out = os.path.abspath(args.out)

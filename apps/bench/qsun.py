@@ -1,6 +1,6 @@
 """QSUN decode step: int4 decode trees vs bfloat16, Llama-3.1-8B shapes, side by side in one run.
 
-    python -m serve.bench_qsun --out DIR [--batches 1 16 64] [--ctx 1024] [--steps 32]
+    sunjax bench qsun --out DIR [--batches 1 16 64] [--ctx 1024] [--steps 32]
                                [--repeats 5] [--group-size 128] [--int8 down_proj v_proj] [--tiny]
 
 Trees: ``bf16``; ``int4`` (every linear int4); ``mixed`` (int4 with the ``--int8`` linears int8,
@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import sunjax
 from sunjax import quant
 from sunjax.configs import load_model_config
-from sunjax.model import _decode_step
 
 CONFIGS = {"8b": "configs/models/llama-3.1-8b.yaml", "tiny": "configs/models/tiny.yaml"}
 
@@ -61,17 +60,14 @@ def time_decode(cfg, params, batch: int, ctx: int, steps: int, repeats: int) -> 
         return cache
 
     cache = run(cache)  # warm-up: compile and allocate
-    compiled = _decode_step._cache_size()
     times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        cache = run(cache)
-        times.append((time.perf_counter() - t0) / steps)
+    with sunjax.count_compiles() as compiles:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            cache = run(cache)
+            times.append((time.perf_counter() - t0) / steps)
     del cache
-    return {
-        "seconds": statistics.median(times),
-        "recompiles": _decode_step._cache_size() - compiled,
-    }
+    return {"seconds": statistics.median(times), "recompiles": compiles.n}
 
 
 def main(argv: list[str] | None = None) -> dict:

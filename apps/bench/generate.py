@@ -1,6 +1,6 @@
 """Greedy generation throughput: sunjax vs Hugging Face transformers, same prompts, one run.
 
-    python -m serve.bench_generate --out DIR [--model smollm2] [--batches 1 16] [--new-tokens 32]
+    sunjax bench generate --out DIR [--model smollm2] [--batches 1 16] [--new-tokens 32]
 
 Both sides generate exactly ``new_tokens`` per sequence (EOS disabled), greedy, float32, on
 the same chat prompts; the first call of each configuration is a warm-up (compile / allocator),
@@ -61,7 +61,8 @@ def _side(side: str, model: str, batches: list[int], n: int, repeats: int) -> di
     tok = load_tokenizer(path)
     results = {}
     if side == "sunjax":
-        from sunjax.generate import _next_token, generate
+        from sunjax import count_compiles
+        from sunjax.generate import generate
 
         cfg, params, _ = hub.load(path)
         for batch in batches:
@@ -72,9 +73,9 @@ def _side(side: str, model: str, batches: list[int], n: int, repeats: int) -> di
                 assert all(len(t) == n for t in out.tokens)
 
             run()
-            before = _next_token._cache_size()
-            seconds = _time(run, repeats)
-            results[batch] = (seconds, _next_token._cache_size() - before)
+            with count_compiles() as compiles:
+                seconds = _time(run, repeats)
+            results[batch] = (seconds, compiles.n)
         return results
 
     import torch
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [
             sys.executable,
             "-m",
-            "serve.bench_generate",
+            "apps.bench.generate",
             "--side",
             side,
             "--model",
