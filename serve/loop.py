@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -187,42 +188,73 @@ def warm_up(pool: DecodePool, params: Params) -> None:
     pool.step()
 
 
+# request-file field -> (type check, converter, default); "model" and a prompt are required
+_FIELDS = {
+    "id": (lambda v: isinstance(v, (str, int)) and not isinstance(v, bool), str, None),
+    "model": (lambda v: isinstance(v, str), str, None),
+    "max_tokens": (lambda v: _is_int(v), int, 64),
+    "temperature": (lambda v: _is_num(v), float, 0.0),
+    "top_k": (lambda v: _is_int(v), int, 0),
+    "top_p": (lambda v: _is_num(v), float, 1.0),
+    "seed": (lambda v: _is_int(v), int, 0),
+    "stop": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), tuple, ()),
+    "arrival": (lambda v: _is_num(v) and v >= 0, float, 0.0),
+}
+_is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+_is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def read_requests(path: str, models: Models) -> list[Arrival]:
     """JSONL: ``{"id", "model", "prompt" (text) | "prompt_ids", "max_tokens", "temperature",
-    "top_k", "top_p", "seed", "stop", "arrival" (s)}`` per line."""
+    "top_k", "top_p", "seed", "stop", "arrival" (s)}`` per line. A malformed line raises
+    ValueError naming ``path:line`` and the field; nothing is served from a bad file."""
     out = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            d = json.loads(line)
-            if "prompt_ids" in d:
-                prompt = tuple(int(t) for t in d["prompt_ids"])
+            where = f"{path}:{n}"
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+            if not isinstance(d, dict):
+                raise ValueError(f"{where}: a request must be a JSON object, got {d!r:.40}")
+            unknown = sorted(set(d) - set(_FIELDS) - {"prompt", "prompt_ids"})
+            if unknown:
+                raise ValueError(f"{where}: unknown field(s) {unknown}")
+            fields = {}
+            for key, (ok, conv, default) in _FIELDS.items():
+                if key not in d:
+                    if key == "model":
+                        raise ValueError(f"{where}: missing field 'model'")
+                    fields[key] = default
+                elif not ok(d[key]):
+                    raise ValueError(f"{where}: bad value for field {key!r}: {d[key]!r}")
+                else:
+                    fields[key] = conv(d[key])
+            ids = d.get("prompt_ids")
+            if ids is not None:
+                if not isinstance(ids, list) or not all(_is_int(t) for t in ids):
+                    raise ValueError(f"{where}: prompt_ids must be a list of ints, got {ids!r:.60}")
+                prompt = tuple(ids)
+            elif not isinstance(d.get("prompt"), str):
+                raise ValueError(f"{where}: needs 'prompt' (text) or 'prompt_ids' (token ids)")
             elif models.tokenizer is None:
-                raise ValueError(f"{path}:{n}: text prompt but the model has no tokenizer")
+                raise ValueError(f"{where}: text prompt but the model has no tokenizer")
             else:
                 prompt = tuple(chat_prompt(models.tokenizer, d["prompt"]))
-            req = Request(
-                id=str(d.get("id", f"line-{n}")),
-                model=d["model"],
-                prompt=prompt,
-                max_tokens=int(d.get("max_tokens", 64)),
-                temperature=float(d.get("temperature", 0.0)),
-                top_k=int(d.get("top_k", 0)),
-                top_p=float(d.get("top_p", 1.0)),
-                seed=int(d.get("seed", 0)),
-                stop=tuple(d.get("stop", ())),
-            )
-            out.append(Arrival(at=float(d.get("arrival", 0.0)), request=req))
+            at = fields.pop("arrival")
+            rid = fields.pop("id") or f"line-{n}"
+            out.append(Arrival(at=at, request=Request(id=rid, prompt=prompt, **fields)))
     return sorted(out, key=lambda a: a.at)
 
 
-def replay(
-    sched: Scheduler, arrivals: Sequence[Arrival]
-) -> tuple[list[Result], dict[str, str], float]:
-    """Submit each request at its arrival time and run until all are done. Returns the
-    results (arrival order), the refused requests ``{id: error}`` and the wall time (s)."""
-    failed: dict[str, str] = {}
+def replay(sched: Scheduler, arrivals: Sequence[Arrival]) -> tuple[list[Result], float]:
+    """Submit each request at its arrival time and run until all are done. Returns one result
+    per arrival, in arrival order (a refused one: ``finish_reason="refused"`` and its
+    ``error``), and the wall time (s)."""
+    refused: dict[int, Result] = {}
     start = time.perf_counter()
     i = 0
     while i < len(arrivals) or sched.busy:
@@ -232,15 +264,18 @@ def replay(
             try:
                 sched.submit(a.request, arrival=start + a.at)
             except (ValueError, QueueFull) as e:
-                failed[a.request.id] = str(e)
+                r = a.request
+                refused[i] = Result(
+                    id=r.id, model=r.model, tokens=[], finish_reason="refused", error=str(e)
+                )
             i += 1
         if sched.busy:
             sched.step()
         elif i < len(arrivals):
             time.sleep(max(0.0, arrivals[i].at - (time.perf_counter() - start)))
     wall = time.perf_counter() - start
-    results = [sched.results[a.request.id] for a in arrivals if a.request.id in sched.results]
-    return results, failed, wall
+    results = [refused.get(i) or sched.results[a.request.id] for i, a in enumerate(arrivals)]
+    return results, wall
 
 
 Summary = dict[str, float | int | str | None]
@@ -254,7 +289,6 @@ def summarize(
     policy: str,
     sched: Scheduler,
     results: Sequence[Result],
-    failed: Mapping[str, str],
     wall: float,
 ) -> Summary:
     done = [r for r in results if r.finish_reason in ("stop", "length")]
@@ -267,10 +301,10 @@ def summarize(
         "router": sched.router.name,
         "workers": sched.pool.config.workers,
         "slots_per_worker": sched.pool.config.slots_per_worker,
-        "requests": len(results) + len(failed),
+        "requests": len(results),
         "completed": len(done),
         "cancelled": sum(r.finish_reason == "cancelled" for r in results),
-        "failed": len(failed),
+        "failed": sum(r.finish_reason == "refused" for r in results),
         "output_tokens": tokens,
         "decode_steps": sched.decode_steps,
         "wall_s": wall,
@@ -291,7 +325,9 @@ def serve_once(
     router: Router,
     arrivals: Sequence[Arrival],
 ) -> tuple[Summary, list[Result]]:
-    """One replay on a built pool (reusable: the pool is idle again afterwards)."""
+    """One replay on a built pool (reusable: the pool is idle again afterwards). Requests the
+    scheduler refused come back as results with ``finish_reason="refused"`` and their
+    ``error``."""
     sched = Scheduler(
         pool,
         models.prefill,
@@ -300,11 +336,13 @@ def serve_once(
         eos_ids=models.eos_ids,
         max_queue=config.max_queue,
     )
-    results, failed, wall = replay(sched, arrivals)
-    return summarize(config.policy, sched, results, failed, wall), results
+    results, wall = replay(sched, arrivals)
+    return summarize(config.policy, sched, results, wall), results
 
 
 def write_outputs(out_dir: str, results: Sequence[Result], summary: Summary) -> None:
+    """``outputs.jsonl`` (one row per request; a refused one with its ``error``) and
+    ``summary.json``."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "outputs.jsonl"), "w") as f:
         for r in results:
@@ -319,6 +357,8 @@ def write_outputs(out_dir: str, results: Sequence[Result], summary: Summary) -> 
                 "tpot_s": r.tpot,
                 "e2e_s": r.e2e,
             }
+            if r.error is not None:
+                row["error"] = r.error
             f.write(json.dumps(row) + "\n")
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -336,14 +376,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policy", choices=("sun", "conventional"))
     ap.add_argument("--requests", help="JSONL request file (default: the config's workload)")
     args = ap.parse_args(argv)
-    config = load_config(args.config, policy=args.policy, requests=args.requests)
-    ensure_cpu_devices(config.workers)
-    models = LOADERS[config.loader](config)
-    if config.requests:
-        arrivals = read_requests(config.requests, models)
-    else:
-        tasks = list(models.prefill)
-        arrivals = make_workload(config.workload_config, tasks, models.cfg.vocab_size)
+    try:
+        config = load_config(args.config, policy=args.policy, requests=args.requests)
+        ensure_cpu_devices(config.workers)
+        models = LOADERS[config.loader](config)
+        if config.requests:
+            arrivals = read_requests(config.requests, models)
+        else:
+            tasks = list(models.prefill)
+            arrivals = make_workload(config.workload_config, tasks, models.cfg.vocab_size)
+    except (ValueError, OSError) as e:
+        print(f"sunjax serve-loop: {e}", file=sys.stderr)
+        return 2
     pool, router = build(config, models)
     summary, results = serve_once(config, models, pool, router, arrivals)
     write_outputs(args.out, results, summary)

@@ -49,11 +49,12 @@ class Result:
     model: str
     tokens: list[int]
     text: str = ""
-    finish_reason: str = ""  # "stop" | "length" | "cancelled"
+    finish_reason: str = ""  # "stop" | "length" | "cancelled" | "refused" (never admitted)
     arrival: float = 0.0
     first_token_at: float | None = None
     finished_at: float | None = None
     worker: int | None = None
+    error: str | None = None  # why a refused request was refused
 
     @property
     def ttft(self) -> float | None:

@@ -21,6 +21,7 @@ import json
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from sunjax.configs import overlay, read_yaml
@@ -30,7 +31,7 @@ from train.base import load_base, quantized_base
 from train.data import encode
 from train.evaluate import evaluate
 from train.tasks import get_task
-from train.trainer import TrainConfig, train
+from train.trainer import TrainConfig, eval_step, train
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,6 +80,18 @@ def run(rc: RunConfig, *, progress: bool = True) -> dict:
         prompt_len=rc.prompt_len,
         response_len=rc.response_len,
     )
+    val = encode(
+        tok,
+        task.generate(rc.n_eval, split="val", seed=rc.train.seed, difficulty=rc.difficulty),
+        prompt_len=rc.prompt_len,
+        response_len=rc.response_len,
+    )
+    val_batch = val.batch(np.arange(len(val.pairs)))
+
+    def eval_fn(params) -> dict:  # every train.eval_every steps: loss on the validation split
+        metrics = eval_step(cfg, rc.train, params, decode, val_batch)
+        return {k: float(v) for k, v in metrics.items()}
+
     params, history = train(
         cfg,
         rc.train,
@@ -86,6 +99,7 @@ def run(rc: RunConfig, *, progress: bool = True) -> dict:
         enc.batch,
         len(enc.pairs),
         decode_params=decode if sun else None,
+        eval_fn=eval_fn if rc.train.eval_every else None,
         checkpoint_dir=os.path.join(rc.out, "checkpoints") if rc.train.checkpoint_every else None,
         desc=f"{rc.task} ({rc.train.mode})",
         progress=progress,
@@ -108,6 +122,11 @@ def run(rc: RunConfig, *, progress: bool = True) -> dict:
         "decode_quant": rc.decode_quant,
         "accuracy": result["accuracy"],
         "final_loss": history[-1]["loss"] if history else None,
+        "eval_history": [
+            {k: v for k, v in h.items() if k == "step" or k.startswith("eval_")}
+            for h in history
+            if "eval_loss" in h
+        ],
         "config": dataclasses.asdict(rc),
     }
     with open(os.path.join(rc.out, "run.json"), "w") as f:

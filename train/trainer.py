@@ -133,8 +133,9 @@ def train(
 ) -> tuple[dict, list[dict]]:
     """Run ``tc.steps`` steps; resumes from the latest checkpoint in ``checkpoint_dir``.
 
-    ``make_batch(indices)`` builds a ``Batch`` from example indices. Returns the trained tree
-    and one metrics dict per step run in this call.
+    ``make_batch(indices)`` builds a ``Batch`` from example indices. Every ``tc.eval_every``
+    steps ``eval_fn(params)`` runs and its metrics join that step's as ``eval_<name>``. Returns
+    the trained tree and one metrics dict per step run in this call.
     """
     if tc.mode == "sun" and decode_params is None:
         raise ValueError("mode='sun' needs decode_params (the frozen shared decode tree)")

@@ -13,8 +13,8 @@ import sunjax
 from kernels_pallas.quant_matmul import QuantizedWeight, dequantize, quantize
 from sunjax import quant
 from sunjax.configs import load_model_config
+from sunjax.export import fingerprint
 from sunjax.linear import ScaledWeight, matmul
-from sunjax.sun import fingerprint
 
 HI = jax.lax.Precision.HIGHEST
 

@@ -12,10 +12,9 @@ import pytest
 
 import sunjax
 from kernels_pallas.quant_matmul import QuantizedWeight
-from sunjax.export import export, latest, load_decode, load_export, load_prefill
+from sunjax.export import export, fingerprint, latest, load_decode, load_export, load_prefill
 from sunjax.linear import ScaledWeight
 from sunjax.quant import quantize_tree
-from sunjax.sun import fingerprint
 from tests.train.test_trainer import CFG  # the same tiny model
 
 GROUP = 32
@@ -133,3 +132,37 @@ def test_explicit_decode_quant_is_checked(tmp_path, base, prefill):
         export(tmp_path / "bad", CFG, q, {"a": q}, tokenizer_source="none")
     assert not os.path.exists(os.path.join(tmp_path, "bad", "LATEST"))
     assert latest(tmp_path / "ok").endswith("v1")
+
+
+def _flip_bytes(tree_dir, n=64):
+    """Flip ``n`` bytes in the middle of the largest data file under ``tree_dir``."""
+    files = [os.path.join(d, f) for d, _, fs in os.walk(tree_dir) for f in fs]
+    big = max(files, key=os.path.getsize)
+    with open(big, "r+b") as f:
+        f.seek(os.path.getsize(big) // 2)
+        data = bytearray(f.read(n))
+        f.seek(os.path.getsize(big) // 2)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+@pytest.mark.parametrize("which", ["prefill/a", "decode"])
+def test_corrupted_tree_is_refused_naming_the_module(tmp_path, base, prefill, which):
+    vdir = export(tmp_path / "x", CFG, base, prefill, tokenizer_source="none")
+    load_export(tmp_path / "x")  # intact: loads
+    _flip_bytes(os.path.join(vdir, which))
+    name = "prefill module 'a'" if which == "prefill/a" else "the decode tree"
+    with pytest.raises(ValueError, match=name):
+        load_export(tmp_path / "x")
+    if which == "prefill/a":  # the other module is intact and still loads on its own
+        _, decode, _ = load_decode(tmp_path / "x")
+        chex.assert_trees_all_equal(load_prefill(tmp_path / "x", "b", decode), prefill["b"])
+
+
+def test_export_of_an_older_manifest_version_is_refused(tmp_path, base, prefill):
+    vdir = export(tmp_path / "x", CFG, base, prefill, tokenizer_source="none")
+    path = os.path.join(vdir, "manifest.json")
+    manifest = json.load(open(path))
+    manifest["manifest_version"] = 1
+    json.dump(manifest, open(path, "w"))
+    with pytest.raises(ValueError, match="manifest_version=1"):
+        load_export(tmp_path / "x")

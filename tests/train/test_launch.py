@@ -5,12 +5,18 @@ import glob
 import json
 import os
 
+import numpy as np
 import pytest
 
+from sunjax import export
 from sunjax.configs import overlay, read_yaml
-from sunjax.sun import fingerprint
-from train import export, launch
+from sunjax.export import fingerprint
+from sunjax.quant import QUANT_DEFAULTS, decode_quant_of, normalize_quant
+from train import base, launch
+from train.data import encode
 from train.pretrain import tiny_base
+from train.tasks import get_task
+from train.trainer import eval_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,9 +33,10 @@ def fake_base(tmp_path_factory):
 @pytest.fixture
 def patched(monkeypatch, fake_base):
     monkeypatch.setattr(launch, "load_base", fake_base)
-    launch._quantized_base.cache_clear()
+    monkeypatch.setattr(base, "load_base", fake_base)
+    base._quantized.cache_clear()
     yield
-    launch._quantized_base.cache_clear()
+    base._quantized.cache_clear()
 
 
 def _config(tmp_path, name, *, quant=None, task="arith"):
@@ -55,15 +62,15 @@ def test_qsun_run_exports_its_quantized_decode_module(tmp_path, patched):
     assert launch.main(["--config", _config(tmp_path, "q-arith", quant=quant)]) == 0
     assert launch.main(["--config", _config(tmp_path, "q-tool", quant=quant, task="tool")]) == 0
     meta = json.loads((tmp_path / "q-arith" / "run.json").read_text())
-    assert meta["decode_quant"] == {**launch.QUANT_DEFAULTS, **quant}
+    assert meta["decode_quant"] == {**QUANT_DEFAULTS, **quant}
 
     run = launch.load_run(str(tmp_path / "q-arith"))
-    assert export.decode_quant_of(run["decode"]) == meta["decode_quant"]
+    assert decode_quant_of(run["decode"]) == meta["decode_quant"]
     assert fingerprint(run["decode"]) == meta["decode_fingerprint"]
 
     root = str(tmp_path / "exp")
     runs = [str(tmp_path / "q-arith"), str(tmp_path / "q-tool")]
-    assert export.main(["--runs", *runs, "--out", root]) == 0
+    assert launch.export_main(["--runs", *runs, "--out", root]) == 0
     cfg, decode, prefill, manifest = export.load_export(root)
     assert manifest["decode_quant"] == meta["decode_quant"]
     assert manifest["decode_fingerprint"] == meta["decode_fingerprint"]
@@ -80,7 +87,7 @@ def test_export_refuses_runs_of_different_decode_modules(tmp_path, patched):
     assert launch.main(["--config", _config(tmp_path, "q", quant=quant, task="tool")]) == 0
     runs = [str(tmp_path / "plain"), str(tmp_path / "q")]
     with pytest.raises(SystemExit, match="different decode trees"):
-        export.main(["--runs", *runs, "--out", str(tmp_path / "exp")])
+        launch.export_main(["--runs", *runs, "--out", str(tmp_path / "exp")])
     assert not (tmp_path / "exp").exists()
 
 
@@ -107,10 +114,32 @@ def test_shipped_train_configs_parse(path):
     rc = overlay(launch.RunConfig, read_yaml(path))
     assert rc.out.startswith("runs/")
     if "qsun" in path:
-        assert rc.decode_quant == {**launch.QUANT_DEFAULTS, "group_size": 64}
+        assert rc.decode_quant == {**QUANT_DEFAULTS, "group_size": 64}
 
 
 def test_decode_quant_all_int8_linears_is_the_int8_tree():
     every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    q = export.normalize_quant({**launch.QUANT_DEFAULTS, "int8": every})
-    assert q == {**launch.QUANT_DEFAULTS, "bits": 8, "group_size": None, "int8": []}
+    q = normalize_quant({**QUANT_DEFAULTS, "int8": every})
+    assert q == {**QUANT_DEFAULTS, "bits": 8, "group_size": None, "int8": []}
+
+
+def test_eval_every_scores_the_validation_split(tmp_path, patched):
+    path = tmp_path / "e.yaml"
+    text = open(_config(tmp_path, "e")).read().replace("steps: 2,", "steps: 4, eval_every: 2,")
+    path.write_text(text)
+    assert launch.main(["--config", str(path)]) == 0
+    meta = json.loads((tmp_path / "e" / "run.json").read_text())
+    assert [h["step"] for h in meta["eval_history"]] == [2, 4]
+    # the last evaluation is the loss of the saved module on the validation split
+    run = launch.load_run(str(tmp_path / "e"))
+    cfg, base_params, tok, _ = launch.load_base("tiny")
+    rc = overlay(launch.RunConfig, read_yaml(str(path)))
+    val = encode(
+        tok,
+        get_task("arith").generate(2, split="val", seed=0, difficulty="tiny"),
+        prompt_len=96,
+        response_len=48,
+    )
+    want = eval_step(cfg, rc.train, run["params"], base_params, val.batch(np.arange(2)))
+    assert abs(meta["eval_history"][-1]["eval_loss"] - float(want["loss"])) < 1e-5
+    assert meta["eval_history"][0]["eval_loss"] != meta["eval_history"][1]["eval_loss"]

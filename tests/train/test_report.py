@@ -6,8 +6,11 @@ import os
 
 import pytest
 
+from train.data import encode
+from train.evaluate import evaluate
 from train.pretrain import tiny_base
 from train.report import COLUMNS, QSUN_COLUMNS, run_report
+from train.tasks import get_task
 
 
 def test_report_runs_end_to_end_and_caches_the_base(tmp_path):
@@ -31,9 +34,18 @@ def test_report_runs_end_to_end_and_caches_the_base(tmp_path):
     assert saved["columns"] == list(COLUMNS + QSUN_COLUMNS)
     for task in ("arith", "code", "tool"):
         assert set(saved["accuracy"][task]) == set(saved["columns"])
-        assert all(0.0 <= a <= 1.0 for a in saved["accuracy"][task].values())
+        # each accuracy is the fraction of its evaluated samples that were correct
+        for col, acc in saved["accuracy"][task].items():
+            samples = saved["samples"][task][col]
+            assert len(samples) == 3 and acc * 3 == sum(s["correct"] for s in samples), col
+        # the base column is the base model (prefill = decode = base): recompute it directly
+        train = get_task(task).generate(32, split="train", seed=0)
+        length = encode(tok, train, prompt_len=None, response_len=None).response_len
+        test = get_task(task).generate(3, split="test", seed=0)
+        want = evaluate(cfg, params, params, tok, test, max_new_tokens=length)
+        assert saved["samples"][task]["base"] == want["samples"]
     assert os.path.isfile(tmp_path / "r" / "report.md")
-    assert set(report["_trained"]["code"]) == {"sun", "full"}
+    assert set(report["_trained"]["code"]) == {"sun", "full", "qsun"}
 
 
 def test_report_task_subset_and_unknown_task(tmp_path):

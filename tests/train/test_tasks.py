@@ -19,7 +19,6 @@ from train.tasks import (
     Task,
     check,
     extract_code,
-    format_prompt,
     get_task,
     load_bfcl_simple_python,
     load_humaneval,
@@ -272,23 +271,30 @@ def test_extract_code_prefers_python_fence():
 # --- prompt formatting ----------------------------------------------------------------------
 
 
-class _FakeTokenizer:
-    def __init__(self) -> None:
-        self.calls: list[tuple[list, dict]] = []
+def test_training_and_evaluation_prompts_tokenize_identically(smollm2_path, monkeypatch):
+    """One prompt format: the ids a training pair starts with are the ids evaluation feeds the
+    model and the ids the server builds from the same chat messages."""
+    from sunjax.tokenizer import chat_prompt, load_tokenizer
+    from train import evaluate as evaluate_module
+    from train.data import encode
 
-    def apply_chat_template(self, conversation: list, **kwargs: object) -> str:
-        self.calls.append((conversation, kwargs))
-        return "".join(f"<{m['role']}>{m['content']}" for m in conversation) + "<assistant>"
+    tok = load_tokenizer(smollm2_path)
+    fed = []
 
+    def fake_generate(cfg, params, prompts, **kw):  # record what evaluation sends
+        fed.extend(prompts)
+        return type("G", (), {"tokens": [[] for _ in prompts]})()
 
-def test_format_prompt_uses_chat_template_with_generation_prompt():
-    tokenizer = _FakeTokenizer()
-    example = TASKS["tool"].generate(1, split="train")[0]
-    text = format_prompt(tokenizer, example)
-    assert text.endswith("<assistant>") and example.user_text in text
-    conversation, kwargs = tokenizer.calls[0]
-    assert conversation == [dict(m) for m in example.messages]
-    assert kwargs == {"tokenize": False, "add_generation_prompt": True}
+    monkeypatch.setattr(evaluate_module, "generate", fake_generate)
+    for task in TASKS.values():
+        examples = task.generate(3, split="test")
+        trained = encode(tok, examples, prompt_len=None, response_len=None)
+        evaluate_module.evaluate(None, None, None, tok, examples)
+        got_eval, fed[:] = list(fed), []
+        served = [chat_prompt(tok, [dict(m) for m in ex.messages]) for ex in examples]
+        assert [p for p, _ in trained.pairs] == got_eval == served
+        text = tok.decode(served[0])
+        assert examples[0].user_text in text and text.endswith("<|im_start|>assistant\n")
 
 
 # --- real benchmark data --------------------------------------------------------------------

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import sunjax
-from sunjax.export import export, latest, load_export, load_prefill
-from sunjax.sun import fingerprint, make_batch
+from sunjax.export import export, fingerprint, latest, load_export, load_prefill
+from sunjax.sun import make_batch
 from train.trainer import TrainConfig, init_state, train
 
 CFG = sunjax.ModelConfig(
