@@ -24,13 +24,20 @@ Who does what:
   a donated cache.
 
 Why the allocator lives on the host rather than in jitted functions (MaxText's
-``PageState`` is the jitted design): measured on this CPU by
-``python -m kernels_pallas.paged_attention.bench`` (``allocator`` in its JSON, ``reports/
-paged/``), one decode step of 32 sequences growing by one token costs the host allocator
-~8 µs, plus ~5 µs to hand the changed page table to the device, against ~60 µs for the
-jitted step, before the ~76 µs round trip (ANCHORS.md) the scheduler would then pay on a
-GPU to learn, from the device, whether pages ran out.  Admission, preemption and
-cancellation are host decisions anyway, and the page table is small (``B * M`` int32).
+``PageState`` is the jitted design): ``scripts/bench_paged_allocator.py`` (output in
+``reports/paged/``) runs one decode step of 32 sequences growing by one token, pages of 16:
+
+* host free list + ``device_put`` of the changed page table: 52 to 126 µs per step;
+* the same bookkeeping as one jitted function on device arrays: 107 to 333 µs;
+* that jitted step plus reading the free-page count back, which the scheduler needs to
+  admit, preempt or cancel: 266 to 518 µs (on the H200 a round trip alone is 76 µs,
+  ANCHORS.md).
+
+(Three runs on a shared 2-core CPU at load 7 to 10, hence the spread.)  Raw cost is a tie
+at best for the jitted form; what decides is that admission, preemption and cancellation
+are host decisions that need the free count every step, which the host allocator knows
+without a device sync, and that its work overlaps the device's step under async dispatch.
+The page table it produces is small (``B * M`` int32, 64 KiB at B = 32, M = 512).
 """
 
 from __future__ import annotations
@@ -154,6 +161,10 @@ class PageAllocator:
 
     def extend(self, seq: Hashable, num_tokens: int) -> list[int]:
         """Grow ``seq`` to hold ``num_tokens`` tokens; returns the new pages (maybe none)."""
+        pages = self._pages.get(seq)
+        if pages is not None and 0 <= num_tokens <= len(pages) * self.page_size:
+            self._tokens[seq] = max(self._tokens[seq], num_tokens)  # fast path: no new page
+            return []
         self._known(seq)
         if num_tokens < 0:
             raise ValueError(f"num_tokens={num_tokens} must be >= 0")

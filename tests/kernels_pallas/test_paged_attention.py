@@ -367,3 +367,18 @@ class TestExport:
         f = jax.jit(lambda *a: pa_tpu.paged_attention_tpu(*a, scale=0.125, config=Config()))
         with pytest.raises(ValueError, match="divisible by 8 and 128"):
             jax.export.export(f, platforms=["tpu"])(*_structs(2, 256, n=9, kh=3, h=64))
+
+
+def test_bench_tiny_smoke(tmp_path, capsys):
+    """The benchmark runs end to end (the Pallas variant in interpret mode) and writes JSON."""
+    import json
+
+    from kernels_pallas.paged_attention import bench
+
+    bench.main(["--out", str(tmp_path), "--tiny", "--batches", "2"])
+    result = json.loads((tmp_path / "bench.json").read_text())
+    records = {r["variant"]: r for r in result["attention"]}
+    assert set(records) == set(bench.VARIANTS)
+    assert all(r["error"] is None and r["correct"] for r in records.values()), records
+    assert result["capacity"] and result["capacity"][0]["paged_seqs"] > 0
+    assert "paged_pallas" in capsys.readouterr().out
