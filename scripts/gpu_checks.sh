@@ -17,3 +17,8 @@ step kernel_tests 120 python -m pytest -q tests/kernels_pallas -k "Gpu or gpu"
 step quant_matmul 150 python -m sunjax.cli bench matmul --out "$out/qmm"
 step decode_layers 120 python -m sunjax.cli bench decode --out "$out/decode"
 step qsun_decode 180 python -m sunjax.cli bench qsun --out "$out/qsun"
+# Paged decode attention at Llama-3.1-8B shapes (ctx 1k / 8k, B = 1 / 32) against the HBM floor
+# (4,245 GB/s): Pallas Triton kernel (plus a config sweep), XLA gather, dense. CPU: add --tiny.
+step paged_attention 150 python -m sunjax.cli bench paged --out "$out/paged" \
+  --model llama8b --ctx 1024 8192 --batches 1 32 --variants dense_xla paged_xla paged_pallas \
+  --sweep --calls 10 --runs 3 --capacity-trials 5

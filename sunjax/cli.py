@@ -23,6 +23,7 @@ BENCHES = {
     "decode": "apps.bench.decode:main",  # decode step vs HBM floor, scan vs unrolled layers
     "generate": "apps.bench.generate:main",  # sunjax vs transformers generate
     "matmul": "kernels_pallas.quant_matmul.bench:main",  # int4/int8 matmul kernels vs XLA
+    "paged": "kernels_pallas.paged_attention.bench:main",  # paged vs dense decode attention
     "qsun": "apps.bench.qsun:main",  # decode step: bf16 vs int4 vs mixed decode trees
     "serve": "apps.bench.serve:main",  # SUN vs conventional serving over Zipf skew
 }

@@ -111,6 +111,28 @@ class ModelConfig:
 
         return KVCache.create(self, batch, max_len, dtype or self.dtype)
 
+    def init_paged_cache(
+        self,
+        batch: int,
+        max_len: int,
+        *,
+        num_pages: int,
+        page_size: int = 16,
+        dtype: str | None = None,
+    ):
+        """An empty paged KV cache: ``batch`` slots of up to ``max_len`` positions sharing a
+        pool of ``num_pages`` pages of ``page_size`` tokens (page 0 reserved as the null page)."""
+        from sunjax.paged import PagedKVCache
+
+        return PagedKVCache.create(
+            self,
+            batch,
+            max_len,
+            num_pages=num_pages,
+            page_size=page_size,
+            dtype=dtype or self.dtype,
+        )
+
     # -- Hugging Face ----------------------------------------------------------------------
     @classmethod
     def from_hf(cls, hf: dict[str, Any] | str | os.PathLike, **overrides: Any) -> ModelConfig:
