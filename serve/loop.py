@@ -155,8 +155,11 @@ LOADERS: dict[str, Callable[[ServeConfig], Models]] = {
 }
 
 
-def build(config: ServeConfig, models: Models) -> tuple[DecodePool, Router]:
-    """The decode pool and router of ``config.policy``, warmed up (see ``warm_up``)."""
+def build(
+    config: ServeConfig, models: Models, prompt_lengths: Sequence[int] | None = None
+) -> tuple[DecodePool, Router]:
+    """The decode pool and router of ``config.policy``, warmed up (see ``warm_up``) for the
+    buckets of ``prompt_lengths`` (default: every bucket up to ``max_len``)."""
     pc = EngineConfig(
         workers=config.workers,
         slots_per_worker=config.slots_per_worker,
@@ -173,14 +176,20 @@ def build(config: ServeConfig, models: Models) -> tuple[DecodePool, Router]:
         pool = DecodePool(models.cfg, pc, worker_params=[models.full[m] for m in owners])
     # prefill runs the (plain) task trees; the decode tree may be quantized (QSUN), and
     # prefilling with it would compile a program serving never runs
-    warm_up(pool, models.prefill[tasks[0]])
+    warm_up(pool, models.prefill[tasks[0]], prompt_lengths)
     return pool, router
 
 
-def warm_up(pool: DecodePool, params: Params) -> None:
-    """Compile prefill for every bucket, insert on every worker, and the decode step, so
-    latencies measure serving and not compilation."""
-    for n in buckets(pool.config.min_bucket, pool.config.max_len):
+def warm_up(
+    pool: DecodePool, params: Params, prompt_lengths: Sequence[int] | None = None
+) -> None:
+    """Compile prefill for every bucket (or those of ``prompt_lengths``), insert on every
+    worker, and the decode step, so latencies measure serving and not compilation."""
+    if prompt_lengths is None:
+        lengths = buckets(pool.config.min_bucket, pool.config.max_len)
+    else:
+        lengths = sorted({pool.engine.bucket(n) for n in prompt_lengths})
+    for n in lengths:
         prefix = pool.engine.prefill(params, [0] * min(n, pool.config.max_len), sampling_params())
         for w in range(pool.config.workers):
             pool.insert(prefix, w, 0)

@@ -8,7 +8,7 @@ Letters: W workers, B slots per worker (W * B slots in all, sharded over ``"work
   worker holds its own model's full fine-tuned tree, stacked on a leading axis sharded over
   ``"workers"``. The step code is the same; only the parameter layout differs.
 
-The step is the engine's pure ``decode_step`` inside ``shard_map``. KV hand-off: ``insert``
+The step is ``Engine.generate`` inside ``shard_map``. KV hand-off: ``insert``
 puts the prefix on the target worker's device (``jax.device_put``) and runs ``Engine.insert``
 on that worker's shard of the decode state alone.
 """
@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from serve.engine import DecodeState, Engine, EngineConfig, Params, Prefix, decode_step
+from serve.engine import DecodeState, Engine, EngineConfig, Params, Prefix
 from serve.engine import init_decode_state as _init_state
 from sunjax.config import ModelConfig
 
@@ -86,12 +86,12 @@ class DecodePool:
         state = _init_state(cfg, config.slots, config.max_len)
         self.state: DecodeState = jax.device_put(state, self.sharded)
 
-        shared = self.shared
+        shared, engine = self.shared, self.engine
 
         def local_step(params, state):  # params: replicated or [1, ...]; state: B slots
             if not shared:
                 params = jax.tree.map(lambda x: x[0], params)
-            return decode_step(cfg, params, state)
+            return engine.generate(params, state)  # the engine's jitted step, traced per worker
 
         step = shard_map(
             local_step, mesh=self.mesh, in_specs=(param_spec, P(AXIS)), out_specs=P(AXIS)

@@ -41,6 +41,7 @@ class Request:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()  # stop strings (need a tokenizer)
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks on identical work)
 
 
 @dataclasses.dataclass
@@ -296,7 +297,7 @@ class Scheduler:
         if res.first_token_at is None:
             res.first_token_at = self.clock()
         res.tokens.append(token)
-        if token in self.eos:
+        if token in self.eos and not live.request.ignore_eos:
             return "stop"
         live.detok.push(token)
         if live.detok.stopped:

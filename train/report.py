@@ -30,6 +30,7 @@ import os
 import time
 
 import jax.numpy as jnp
+from tqdm import tqdm
 
 from sunjax.quant import QUANT_DEFAULTS, bytes_report, normalize_quant, perplexity, read_text
 from sunjax.sun import SunParams
@@ -138,9 +139,10 @@ def run_report(
             "sun+q": SunParams(sun, qdec),
             "qsun": SunParams(qs, qdec),
         }
+        evals = tqdm(columns, desc=f"{name}: evaluate", disable=not progress, mininterval=1)
         rows[name] = {
             col: evaluate(cfg, *pairs[col], tok, test, max_new_tokens=enc.response_len)
-            for col in columns
+            for col in evals
         }
         rows[name]["seconds"] = time.perf_counter() - t0
         trained[name] = {k: v for k, v in (("sun", sun), ("full", full), ("qsun", qs)) if v}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sunjax.generate import generate
-from sunjax.model import forward
+from sunjax.steps import forward
 from sunjax.tokenizer import chat_prompt, eos_ids
 
 pytestmark = pytest.mark.slow
