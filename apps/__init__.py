@@ -1,0 +1,3 @@
+"""Apps and tools over the library: benchmarks, the cluster simulator, CLI commands.
+
+The only code that may import both ``train`` and ``serve`` (DESIGN.md section 3)."""

@@ -1,0 +1,1 @@
+"""Benchmarks: ``steps`` (the engine's step-time table for the cluster simulator)."""
