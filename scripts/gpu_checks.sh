@@ -17,3 +17,8 @@ step kernel_tests 120 python -m pytest -q tests/kernels_pallas -k "Gpu or gpu"
 step quant_matmul 150 python -m kernels_pallas.quant_matmul.bench --out "$out/qmm"
 step decode_layers 120 python -m serve.bench_decode --out "$out/decode"
 step qsun_decode 180 python -m serve.bench_qsun --out "$out/qsun"
+# the simulator's step-time table at Llama-3.1-8B shapes (CPU smoke: `sunjax bench steps --out DIR`)
+step steps_8b 420 python -m sunjax.cli bench steps --out "$out/steps" \
+  --model configs/models/llama-3.1-8b.yaml --dtype bfloat16 --workers 1 --slots 64 \
+  --max-len 2048 --min-bucket 128 --batches 1 8 16 32 64 --ctxs 128 512 1024 2000 \
+  --trees sun qsun --host-requests 0 --steps 16

@@ -17,10 +17,12 @@ COMMANDS = {
     "export": ("train.export:main", "export a decode tree and task prefill modules (Orbax)"),
     "serve-loop": ("serve.loop:main", "run the serving loop over a request file or workload"),
     "demo": ("serve.demo:main", "end to end: train three tasks, export, serve, report"),
+    "simulate": ("apps.simulate:main", "cluster model: `simulate run|validate|report`"),
 }
 BENCHES = {
     "generate": "serve.bench_generate:main",
     "serve": "serve.bench_serve:main",
+    "steps": "apps.bench.steps:main",
 }
 
 

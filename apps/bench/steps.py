@@ -326,23 +326,37 @@ def measure(config: StepsConfig) -> StepTable:
 def summary_lines(table: StepTable) -> list[str]:
     lines = [table.label]
     for name, g in table.decode.items():
-        lines.append(f"decode[{name}] ms  (rows: active slots {list(map(int, g.batch))}; "
-                     f"cols: ctx {list(map(int, g.ctx))})")
+        lines.append(
+            f"decode[{name}] ms  (rows: active slots {list(map(int, g.batch))}; "
+            f"cols: ctx {list(map(int, g.ctx))})"
+        )
         lines += ["  " + " ".join(f"{s * 1e3:7.3f}" for s in row) for row in g.seconds]
-    lines.append("prefill ms by tokens: " + ", ".join(
-        f"{int(x)}: {s * 1e3:.3f}" for x, s in zip(table.prefill.x, table.prefill.seconds,
-                                                   strict=True)))
-    lines.append("hand-off ms by KV bytes: " + ", ".join(
-        f"{int(x)}: {s * 1e3:.3f}" for x, s in zip(table.handoff.x, table.handoff.seconds,
-                                                   strict=True)))
+    lines.append(
+        "prefill ms by tokens: "
+        + ", ".join(
+            f"{int(x)}: {s * 1e3:.3f}"
+            for x, s in zip(table.prefill.x, table.prefill.seconds, strict=True)
+        )
+    )
+    lines.append(
+        "hand-off ms by KV bytes: "
+        + ", ".join(
+            f"{int(x)}: {s * 1e3:.3f}"
+            for x, s in zip(table.handoff.x, table.handoff.seconds, strict=True)
+        )
+    )
     lines.append(
         f"release ms: {table.release * 1e3:.3f}; admit (host) ms: {table.admit * 1e3:.3f}; "
         f"submit ms: {table.submit * 1e3:.3f}"
     )
     if table.host_step is not None:
-        lines.append("host ms per step by active slots: " + ", ".join(
-            f"{int(x)}: {s * 1e3:.3f}"
-            for x, s in zip(table.host_step.x, table.host_step.seconds, strict=True)))
+        lines.append(
+            "host ms per step by active slots: "
+            + ", ".join(
+                f"{int(x)}: {s * 1e3:.3f}"
+                for x, s in zip(table.host_step.x, table.host_step.seconds, strict=True)
+            )
+        )
     return lines
 
 

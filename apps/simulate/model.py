@@ -3,9 +3,9 @@
 Two shapes of the same request flow (admit -> prefill with the task's module -> first token
 -> route -> KV hand-off -> continuous-batched decode steps -> free the slot):
 
-* ``mode="cluster"``: each task has ``prefill_per_task`` prefill instances (one prompt at a
-  time each); ``decode_instances`` decode instances of ``slots`` slots each, every instance
-  stepping on its own with a step time looked up for *its* batch and context; a finished
+* ``mode="cluster"``: ``prefill_instances`` prefill instances split over the tasks in
+  proportion to their traffic, at least one each (one prompt at a time each);
+  ``decode_instances`` decode instances of ``slots`` slots each, every instance stepping on its own with a step time looked up for *its* batch and context; a finished
   prefill is routed at once (least-loaded over all instances for SUN / QSUN, model-affine for
   conventional) and joins its instance's batch at the next step after the hand-off; when no
   allowed instance has a free slot it waits in one FIFO queue.
@@ -43,7 +43,8 @@ class ClusterConfig:
     policy: str = "sun"  # "sun" | "qsun" (shared decode pool) | "conventional" (per model)
     decode_instances: int = 4
     slots: int = 8  # decode slots per instance
-    prefill_per_task: int = 1  # prefill instances per task model (cluster mode)
+    prefill_instances: int | None = None  # cluster mode; None = one per task model. Split
+    # over tasks in proportion to their traffic, at least one each, the same for every policy
     mode: str = "cluster"  # "cluster" | "engine"
     split: str = "even"  # conventional: "even" (ModelAffine.split) or "popularity"
 
@@ -54,9 +55,11 @@ class ClusterConfig:
             raise ValueError(f"mode={self.mode!r} must be one of {MODES}")
         if self.split not in SPLITS:
             raise ValueError(f"split={self.split!r} must be one of {SPLITS}")
-        for name in ("decode_instances", "slots", "prefill_per_task"):
+        for name in ("decode_instances", "slots"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.prefill_instances is not None and self.prefill_instances < 1:
+            raise ValueError(f"prefill_instances={self.prefill_instances} must be >= 1 or None")
 
     @property
     def shared(self) -> bool:
@@ -121,8 +124,10 @@ def synthetic(
     """Poisson arrivals at ``rate``/s, Zipf(alpha) over ``tasks``, uniform lengths (inclusive
     ranges): the distributions of ``serve.workload.make_workload`` without the token ids."""
     if requests < 1 or rate <= 0 or zipf_alpha < 0 or not tasks:
-        raise ValueError(f"need requests >= 1, rate > 0, zipf_alpha >= 0, tasks; got "
-                         f"{requests=} {rate=} {zipf_alpha=} {tasks=}")
+        raise ValueError(
+            f"need requests >= 1, rate > 0, zipf_alpha >= 0, tasks; got "
+            f"{requests=} {rate=} {zipf_alpha=} {tasks=}"
+        )
     rng = np.random.default_rng(seed)
     gaps = rng.exponential(1.0 / rate, requests)
     at = np.cumsum(gaps) - gaps[0]
@@ -140,17 +145,23 @@ def zipf_weights(m: int, alpha: float) -> np.ndarray:
     return w / w.sum()
 
 
-def popularity_split(tasks: Sequence[str], workers: int, weights: Sequence[float]) -> ModelAffine:
-    """Model-affine assignment with workers in proportion to traffic (largest remainder),
-    at least one each: the strongest static conventional deployment for a known skew."""
-    m = len(tasks)
+def proportional(workers: int, weights: Sequence[float]) -> list[int]:
+    """``workers`` split in proportion to ``weights`` (largest remainder), at least one each."""
+    m = len(weights)
     if m > workers:
-        raise ValueError(f"conventional needs a worker per model: {m} models > {workers=}")
+        raise ValueError(f"need a worker per model: {m} models > {workers=}")
     w = np.asarray(weights, float) / np.sum(weights)
     share = 1 + w * (workers - m)
     n = np.floor(share).astype(int)
     for i in np.argsort(-(share - n))[: workers - int(n.sum())]:
         n[i] += 1
+    return [int(k) for k in n]
+
+
+def popularity_split(tasks: Sequence[str], workers: int, weights: Sequence[float]) -> ModelAffine:
+    """Model-affine assignment with workers in proportion to traffic, at least one each: the
+    strongest static conventional deployment for a known skew."""
+    n = proportional(workers, weights)
     assignment, start = {}, 0
     for t, k in zip(tasks, n, strict=True):
         assignment[t] = tuple(range(start, start + int(k)))
@@ -207,11 +218,13 @@ class Simulation:
         self.config, self.table = config, table
         self.tasks = list(tasks)
         self.tree = table.tree_for(config.policy)
+        self.weights = list(weights) if weights is not None else [1.0] * len(self.tasks)
+        self.prefill = proportional(config.prefill_instances or len(self.tasks), self.weights)
         n = config.decode_instances
         if config.shared:
             self.router = LeastLoaded(n)
         elif config.split == "popularity":
-            self.router = popularity_split(self.tasks, n, weights or [1.0] * len(self.tasks))
+            self.router = popularity_split(self.tasks, n, self.weights)
         else:
             self.router = ModelAffine.split(self.tasks, n)
         if config.mode == "engine" and table.pool:
@@ -294,7 +307,10 @@ class Simulation:
     def _cluster(self, env, lives: list[_Live], c: _Counters) -> None:
         t, cfg = self.table, self.config
         instances = [_Instance(env, cfg.slots) for _ in range(cfg.decode_instances)]
-        prefill = {m: simpy.Resource(env, capacity=cfg.prefill_per_task) for m in self.tasks}
+        prefill = {
+            m: simpy.Resource(env, capacity=k)
+            for m, k in zip(self.tasks, self.prefill, strict=True)
+        }
         pending: collections.deque[_Live] = collections.deque()
 
         def handoff(live: _Live, inst: _Instance):
@@ -313,11 +329,16 @@ class Simulation:
             return True
 
         def drain() -> None:
-            for live in list(pending):
-                if not any(x.free for x in instances):
-                    return
-                if place(live):
-                    pending.remove(live)
+            blocked: set[str] = set()  # models none of whose instances has a free slot
+            kept: list[_Live] = []
+            while pending:
+                live = pending.popleft()
+                if live.req.model in blocked or not place(live):
+                    blocked.add(live.req.model)
+                    kept.append(live)
+                    if len(blocked) == len(self.tasks) or self.config.shared:
+                        break
+            pending.extendleft(reversed(kept))
 
         def request(live: _Live):
             yield env.timeout(live.req.at)
@@ -341,7 +362,7 @@ class Simulation:
                     yield inst.wake
                     continue
                 n = len(inst.active)
-                ctx = float(np.mean([s.ctx for s in inst.active]))
+                ctx = sum(s.ctx for s in inst.active) / n
                 dt = t.decode_time(self.tree, n, ctx) + t.host_time(n)
                 yield env.timeout(dt)
                 c.steps += 1
@@ -379,7 +400,7 @@ class Simulation:
         tpot = [(x.done - x.first) / (x.tokens - 1) for x in lives if x.tokens > 1]
         pct = lambda v, q: float(np.percentile(v, q)) * 1e3 if v else None
         decode_gpus = cfg.decode_instances
-        prefill_gpus = 0 if cfg.mode == "engine" else cfg.prefill_per_task * len(self.tasks)
+        prefill_gpus = 0 if cfg.mode == "engine" else sum(self.prefill)
         gpus = decode_gpus + prefill_gpus
         return {
             "policy": cfg.policy,

@@ -22,6 +22,7 @@ lookup round a prompt up to the padded length the engine compiles, as the engine
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import math
@@ -34,13 +35,20 @@ from sunjax.generate import bucket
 TREES = ("sun", "qsun", "conventional")
 
 
+def _bracket(x: float, xs: Sequence[float]) -> tuple[int, float]:
+    """``(i, w)``: x = (1 - w) xs[i] + w xs[i + 1] with i clipped to the ends (w may lie
+    outside [0, 1]: linear extrapolation)."""
+    if len(xs) == 1:
+        return 0, 0.0
+    i = min(max(bisect.bisect_left(xs, x) - 1, 0), len(xs) - 2)
+    return i, (x - xs[i]) / (xs[i + 1] - xs[i])
+
+
 def _interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
     """Piecewise-linear through (xs, ys), linear extrapolation beyond both ends."""
-    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+    i, w = _bracket(x, xs)
     if len(xs) == 1:
         return float(ys[0])
-    i = int(np.clip(np.searchsorted(xs, x) - 1, 0, len(xs) - 2))
-    w = (x - xs[i]) / (xs[i + 1] - xs[i])
     return float(ys[i] + w * (ys[i + 1] - ys[i]))
 
 
@@ -55,7 +63,9 @@ class Curve:
         object.__setattr__(self, "x", tuple(float(v) for v in self.x))
         object.__setattr__(self, "seconds", tuple(float(v) for v in self.seconds))
         if not self.x or len(self.x) != len(self.seconds):
-            raise ValueError(f"x={self.x} and seconds={self.seconds} must be non-empty, same length")
+            raise ValueError(
+                f"x={self.x} and seconds={self.seconds} must be non-empty, same length"
+            )
         if any(b <= a for a, b in zip(self.x, self.x[1:], strict=False)):
             raise ValueError(f"x={self.x} must be strictly ascending")
 
@@ -84,8 +94,12 @@ class Grid:
                 raise ValueError(f"{name}={v} must be non-empty and strictly ascending")
 
     def __call__(self, batch: float, ctx: float) -> float:
-        rows = [_interp(ctx, self.ctx, r) for r in self.seconds]
-        return max(_interp(batch, self.batch, rows), 0.0)
+        i, w = _bracket(batch, self.batch)
+        lo = _interp(ctx, self.ctx, self.seconds[i])
+        if len(self.batch) == 1:
+            return max(lo, 0.0)
+        hi = _interp(ctx, self.ctx, self.seconds[i + 1])
+        return max(lo + w * (hi - lo), 0.0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -109,7 +123,9 @@ class StepTable:
             raise ValueError(f"kind={self.kind!r} must be 'measured' or 'roofline'")
         bad = sorted(set(self.decode) - set(TREES))
         if bad or not self.decode:
-            raise ValueError(f"decode trees {sorted(self.decode)} must be a non-empty subset of {TREES}")
+            raise ValueError(
+                f"decode trees {sorted(self.decode)} must be a non-empty subset of {TREES}"
+            )
         if self.kv_bytes_per_token < 1:
             raise ValueError(f"kv_bytes_per_token={self.kv_bytes_per_token} must be >= 1")
 
@@ -151,7 +167,11 @@ class StepTable:
             "kind": self.kind,
             "label": self.label,
             "decode": {
-                t: {"batch": list(g.batch), "ctx": list(g.ctx), "seconds": [list(r) for r in g.seconds]}
+                t: {
+                    "batch": list(g.batch),
+                    "ctx": list(g.ctx),
+                    "seconds": [list(r) for r in g.seconds],
+                }
                 for t, g in self.decode.items()
             },
             "prefill": curve(self.prefill),
@@ -269,9 +289,15 @@ def model_bytes(model_cfg, quant_spec: Mapping | None) -> dict[str, float]:
         # parameters of the linears kept int8 (the rest int4)
         d, f = model_cfg.d_model, model_cfg.ffn_dim
         kv = model_cfg.n_kv_heads * model_cfg.head_dim
-        sizes = {"v_proj": d * kv, "k_proj": d * kv, "q_proj": d * model_cfg.n_heads
-                 * model_cfg.head_dim, "o_proj": d * model_cfg.n_heads * model_cfg.head_dim,
-                 "gate_proj": d * f, "up_proj": d * f, "down_proj": d * f}
+        sizes = {
+            "v_proj": d * kv,
+            "k_proj": d * kv,
+            "q_proj": d * model_cfg.n_heads * model_cfg.head_dim,
+            "o_proj": d * model_cfg.n_heads * model_cfg.head_dim,
+            "gate_proj": d * f,
+            "up_proj": d * f,
+            "down_proj": d * f,
+        }
         per_layer = sum(sizes.values())
         out["int8_fraction"] = sum(sizes[n] for n in int8) / per_layer
     return out
