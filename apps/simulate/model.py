@@ -5,7 +5,8 @@ Two shapes of the same request flow (admit -> prefill with the task's module -> 
 
 * ``mode="cluster"``: ``prefill_instances`` prefill instances split over the tasks in
   proportion to their traffic, at least one each (one prompt at a time each);
-  ``decode_instances`` decode instances of ``slots`` slots each, every instance stepping on its own with a step time looked up for *its* batch and context; a finished
+  ``decode_instances`` decode instances of ``slots`` slots each, every instance stepping on its
+  own with a step time looked up for *its* batch and context; a finished
   prefill is routed at once (least-loaded over all instances for SUN / QSUN, model-affine for
   conventional) and joins its instance's batch at the next step after the hand-off; when no
   allowed instance has a free slot it waits in one FIFO queue.
