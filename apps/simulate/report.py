@@ -221,7 +221,16 @@ def readme(report: dict, table: StepTable, command: Sequence[str]) -> str:
         "TPOT counts from the first token (prefill) to the last, so it includes a request's "
         "wait for a decode slot.",
         "",
+        "The model itself is checked against the real serving loop on the CPU: "
+        "`validation_cpu/` (`sunjax simulate validate --out reports/cluster/validation_cpu`).",
+        "",
         "## Throughput per GPU (tok/s) and TPOT p50 (ms) against alpha, same GPU count",
+        "",
+        "Cells: throughput per GPU (prefill + decode GPUs) / TPOT p50. With as many decode "
+        "GPUs as task models, the traffic-split conventional deployment is the even one (one "
+        "GPU each); it differs only in the SLO sizing below. The offered rate is fixed, so "
+        "SUN's throughput is the offered load; conventional's falls when its hot model's GPU "
+        "cannot keep up (the run lasts until its queue drains).",
         "",
         "![](throughput_tpot.png)",
         "",
