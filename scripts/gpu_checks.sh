@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Every GPU check and timing in one run, for the lent device (`run` tool): ~9 minutes on an
-# H100/H200. Writes JSON and logs under ${OUT:-out/gpu}. Each step is time-boxed and a failure
-# does not stop the next one. Test each part on the CPU first with its --tiny flag.
+# Every GPU check and timing, for the lent device (`run` tool). Writes JSON and logs under
+# ${OUT:-out/gpu}. Each step is time-boxed and a failure does not stop the next one. The limits
+# add up to ~19 minutes, over one device command's 10: run it as two commands,
+#   ONLY=kernel_tests,quant_matmul,decode_layers,qsun_decode scripts/gpu_checks.sh
+#   ONLY=paged_attention,steps_8b scripts/gpu_checks.sh
+# Test each part on the CPU first with its --tiny flag.
 set -u
 out=${OUT:-out/gpu}
 mkdir -p "$out"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
-step() {  # step NAME SECONDS CMD...
+step() {  # step NAME SECONDS CMD...  (ONLY=name1,name2 runs a subset)
   local name=$1 secs=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then return; fi
   echo "== $name"
   timeout "$secs" "$@" > "$out/$name.log" 2>&1
   echo "   exit $? ($name)"; tail -n 20 "$out/$name.log"
@@ -22,3 +26,8 @@ step qsun_decode 180 python -m sunjax.cli bench qsun --out "$out/qsun"
 step paged_attention 150 python -m sunjax.cli bench paged --out "$out/paged" \
   --model llama8b --ctx 1024 8192 --batches 1 32 --variants dense_xla paged_xla paged_pallas \
   --sweep --calls 10 --runs 3 --capacity-trials 5
+# the simulator's step-time table at Llama-3.1-8B shapes (CPU smoke: `sunjax bench steps --out DIR`)
+step steps_8b 420 python -m sunjax.cli bench steps --out "$out/steps" \
+  --model configs/models/llama-3.1-8b.yaml --dtype bfloat16 --workers 1 --slots 64 \
+  --max-len 2048 --min-bucket 128 --batches 1 8 16 32 64 --ctxs 128 512 1024 2000 \
+  --trees sun qsun --host-requests 0 --steps 16

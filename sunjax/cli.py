@@ -17,6 +17,7 @@ COMMANDS = {
     "export": ("train.launch:export_main", "export a decode tree and task modules (Orbax)"),
     "serve-loop": ("serve.loop:main", "run the serving loop over a request file or workload"),
     "demo": ("apps.demo:main", "end to end: train three tasks, export, serve, report"),
+    "simulate": ("apps.simulate:main", "cluster model: `simulate run|validate|report`"),
 }
 # bench name -> module:function taking argv
 BENCHES = {
@@ -26,6 +27,7 @@ BENCHES = {
     "paged": "kernels_pallas.paged_attention.bench:main",  # paged vs dense decode attention
     "qsun": "apps.bench.qsun:main",  # decode step: bf16 vs int4 vs mixed decode trees
     "serve": "apps.bench.serve:main",  # SUN vs conventional serving over Zipf skew
+    "steps": "apps.bench.steps:main",  # step-time table of the real engine (simulator input)
 }
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from apps.simulate.cli import main
+
+sys.exit(main())
