@@ -24,7 +24,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from serve.engine import DecodeState, Engine, EngineConfig, Params, Prefix, decode_step
+from serve.engine import (
+    DecodeState,
+    Engine,
+    EngineConfig,
+    Logprobs,
+    Params,
+    Prefix,
+    decode_step,
+    decode_step_logprobs,
+)
 from serve.engine import init_decode_state as _init_state
 from sunjax.config import ModelConfig
 
@@ -88,15 +97,19 @@ class DecodePool:
 
         shared = self.shared
 
-        def local_step(params, state):  # params: replicated or [1, ...]; state: B slots
-            if not shared:
-                params = jax.tree.map(lambda x: x[0], params)
-            return decode_step(cfg, params, state)
+        def local(step):
+            def local_step(params, state):  # params: replicated or [1, ...]; state: B slots
+                if not shared:
+                    params = jax.tree.map(lambda x: x[0], params)
+                return step(cfg, params, state)
 
-        step = shard_map(
-            local_step, mesh=self.mesh, in_specs=(param_spec, P(AXIS)), out_specs=P(AXIS)
-        )
-        self._step = jax.jit(step, donate_argnums=1)
+            spmd = shard_map(
+                local_step, mesh=self.mesh, in_specs=(param_spec, P(AXIS)), out_specs=P(AXIS)
+            )
+            return jax.jit(spmd, donate_argnums=1)
+
+        self._step = local(decode_step)
+        self._step_logprobs = local(decode_step_logprobs)
 
     def _stack(self, *leaves: jax.Array) -> jax.Array:
         """One leaf per worker -> one [W, ...] array whose row w lives on worker w."""
@@ -119,10 +132,15 @@ class DecodePool:
         self.state, tokens = self._step(self.params, self.state)
         return np.asarray(tokens)
 
+    def step_logprobs(self) -> tuple[np.ndarray, Logprobs]:
+        """``step`` that also returns the new tokens' log-probabilities (host arrays)."""
+        self.state, out = self._step_logprobs(self.params, self.state)
+        return jax.device_get(out)
+
     def insert(self, prefix: Prefix, worker: int, slot: int) -> None:
         """Hand ``prefix`` to ``worker`` and put it in that worker's local slot ``slot``."""
         device = self.devices[worker]
-        prefix = jax.device_put(prefix, device)
+        prefix = jax.device_put(dataclasses.replace(prefix, logprobs=None), device)
         leaves, treedef = jax.tree.flatten(self.state)
         shards = [{s.device: s.data for s in a.addressable_shards} for a in leaves]
         local = treedef.unflatten([parts[device] for parts in shards])
