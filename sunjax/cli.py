@@ -16,6 +16,7 @@ COMMANDS = {
     "report": ("train.report:main", "accuracy report: base / full FT / naive pairing / SUN"),
     "export": ("train.launch:export_main", "export a decode tree and task modules (Orbax)"),
     "serve-loop": ("serve.loop:main", "run the serving loop over a request file or workload"),
+    "serve": ("serve.server.main:main", "OpenAI-compatible HTTP server (one shared decode pool)"),
     "demo": ("apps.demo:main", "end to end: train three tasks, export, serve, report"),
 }
 # bench name -> module:function taking argv
