@@ -49,9 +49,16 @@ def validate_sampling(*, temperature, top_k, top_p) -> None:
 
 
 def _cut(logits: Float[Array, "B V"], sp: SamplingParams) -> Float[Array, "B V"]:
-    """Temperature-scaled logits with the tokens outside top-k / top-p set to -inf."""
-    V = logits.shape[-1]
+    """Temperature-scaled logits with the tokens outside top-k / top-p set to -inf. The sort
+    runs only when some row asks for top-k or top-p: on the CPU, sorting 4 x 49152 logits
+    took 82 ms, 20x a tiny model's whole decode step."""
     x = logits.astype(jnp.float32) / jnp.maximum(sp.temperature, 1e-6)[:, None]
+    cut = jnp.any((sp.top_k > 0) | (sp.top_p < 1))
+    return jax.lax.cond(cut, lambda x: _sorted_cut(x, sp), lambda x: x, x)
+
+
+def _sorted_cut(x: Float[Array, "B V"], sp: SamplingParams) -> Float[Array, "B V"]:
+    V = x.shape[-1]
     desc = jnp.sort(x, axis=-1)[:, ::-1]  # [B, V]
     k = jnp.where(sp.top_k > 0, jnp.minimum(sp.top_k, V), V)
     kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)  # [B, 1]
