@@ -5,6 +5,8 @@ The server tests, the soak script and ``sunjax bench http`` serve it on the CPU.
 
 from __future__ import annotations
 
+import zlib
+
 import jax
 
 from sunjax import hub
@@ -28,10 +30,9 @@ TINY = ModelConfig(
 
 def tiny_export(root: str, tasks: tuple[str, ...] = ("math", "code"), seed: int = 0) -> str:
     """Write an export under ``root``: decode tree ``PRNGKey(seed)``, every task module its
-    own random init (so a test can tell which tree ran). Returns the version directory."""
+    own random init keyed by its name (so a test can tell which tree ran). Returns the
+    version directory."""
     decode = init_params(TINY, jax.random.PRNGKey(seed))
-    prefill = {
-        t: init_params(TINY, jax.random.PRNGKey(1000 * seed + i + 1)) for i, t in enumerate(tasks)
-    }
+    prefill = {t: init_params(TINY, jax.random.PRNGKey(zlib.crc32(t.encode()))) for t in tasks}
     tok = load_tokenizer(hub.resolve("smollm2"))
     return export(root, TINY, decode, prefill, tokenizer_source="smollm2", tokenizer=tok)

@@ -198,6 +198,10 @@ class Runtime:
             for name in self.model_set.models:
                 self.metrics.add_model(name)
             self.models = dict(self.model_set.models)
+        except ValueError as e:  # a refused export, a bad flag: the message says it all
+            log.error("loading failed: %s", e)
+            self.error, self.state = e, "failed"
+            return
         except Exception as e:
             log.exception("loading failed")
             self.error, self.state = e, "failed"
