@@ -26,6 +26,7 @@ BENCHES = {
     "matmul": "kernels_pallas.quant_matmul.bench:main",  # int4/int8 matmul kernels vs XLA
     "qsun": "apps.bench.qsun:main",  # decode step: bf16 vs int4 vs mixed decode trees
     "serve": "apps.bench.serve:main",  # SUN vs conventional serving over Zipf skew
+    "http": "apps.bench.http:main",  # HTTP server vs the in-process scheduler, one workload
 }
 
 
