@@ -63,6 +63,10 @@ class APIError(Exception):
         }
 
 
+# union members pydantic names in an error's location (``prompt.str``)
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "function-after", "literal"}
+
+
 def field_path(loc: tuple) -> str:
     """``("messages", 0, "content")`` -> ``"messages[0].content"``."""
     out = ""
@@ -93,9 +97,6 @@ def from_validation(errors: list[dict]) -> APIError:
         param=param,
         code="invalid_value",
     )
-
-
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "function-after", "literal"}
 
 
 def to_error(exc: BaseException) -> APIError:

@@ -113,7 +113,6 @@ class Metrics:
         running: Mapping[str, int],
         waiting: Mapping[str, int],
         slots_in_use: Sequence[int],
-        slots_per_worker: int,
     ) -> None:
         for model in self._models | set(running) | set(waiting):
             self.running.labels(model).set(running.get(model, 0))

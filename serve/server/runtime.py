@@ -267,7 +267,7 @@ class Runtime:
             live.request.model for live in self.sched.slots if live is not None
         )
         waiting = collections.Counter(live.request.model for live in self.sched.queue)
-        self.metrics.gauges(running, waiting, self._slots_in_use(), self._per_worker())
+        self.metrics.gauges(running, waiting, self._slots_in_use())
 
     def _submit(self, sub: Submission, requests: list[Request]) -> Submission:
         if self.state != "ready":
@@ -355,11 +355,15 @@ class Runtime:
         self._live.clear()
         self._inflight.clear()
         self._flush()
-        while True:  # answer what is still queued for the engine thread
+        while True:  # answer what is still queued for the engine thread (with 503s)
             try:
-                self._inbox.get_nowait()()
+                fn = self._inbox.get_nowait()
             except queue.Empty:
                 break
+            try:
+                fn()
+            except Exception:  # a cancel on the broken scheduler: nothing left to cancel
+                log.debug("ignored after the engine failed", exc_info=True)
 
 
 def _resolve(fut: asyncio.Future, value, exc: BaseException | None) -> None:

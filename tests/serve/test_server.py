@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from apps.remote_server import RemoteServer
+from apps.soak import run_soak
 from apps.tiny import tiny_export
 from sunjax.export import load_export, read_manifest
 from sunjax.generate import generate
@@ -435,6 +436,16 @@ def test_load_and_unload_with_requests_in_flight(server, client, exports):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="tool", prompt="x", max_tokens=2)
     assert "tool" not in {m.id for m in client.models.list().data}
+
+
+def test_short_soak_loses_nothing(server):
+    """``apps.soak`` in small: mixed stream / whole / sampling / n / stop, 20 % cancelled at
+    random points; every request completes or is cancelled by us, the gauges return to 0."""
+    out = run_soak(
+        server, ["math", "code", "base"], requests=30, concurrency=6, max_tokens=24, seed=1
+    )
+    assert out["lost"] == {} and out["outcomes"].get("ok", 0) >= 15, out
+    assert out["gauges_after"] == {"running": 0, "waiting": 0}
 
 
 def test_health_200_after_everything(server):
