@@ -9,6 +9,9 @@ Letters: B decode slots, T bucketed prompt length, S cache positions, V vocab.
   the decode state donated).
 * ``generate(params, state) -> (state, tokens [B])``: one decode step of every slot with the
   decode tree, each slot sampled with its own settings (jitted, donated).
+  ``generate_logprobs`` is the same step that also returns each new token's log-probability
+  and the top ``TOP_LOGPROBS`` alternatives (``Logprobs``), computed inside the step from the
+  distribution the token was drawn from (``sunjax.sampling.sampled_logprobs``).
 
 Compiled shapes depend only on the prompt bucket and the slot count, never on a request, so
 serving many requests of varied lengths compiles ``prefill`` once per bucket and the rest once
@@ -25,15 +28,16 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from sunjax.cache import KVCache
 from sunjax.config import ModelConfig
 from sunjax.generate import bucket
-from sunjax.sampling import SamplingParams
+from sunjax.sampling import SamplingParams, sampled_logprobs
 from sunjax.steps import decode_and_sample, prefill_and_sample
 
 Params = dict  # a model's plain nested parameter dict
+TOP_LOGPROBS = 5  # alternatives computed per token (the OpenAI completions maximum)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -64,6 +68,25 @@ class EngineConfig:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class Logprobs:
+    """Each row's new token scored under the distribution it was sampled from."""
+
+    logprob: Float[Array, " B"]  # of the sampled token
+    top_ids: Int[Array, "B L"]  # the L = TOP_LOGPROBS most likely tokens, best first
+    top_logprobs: Float[Array, "B L"]
+
+
+def token_logprobs(
+    logits: Float[Array, "B V"], sampling: SamplingParams, tokens: Int[Array, " B"]
+) -> Logprobs:
+    lp = sampled_logprobs(logits, sampling)
+    top_lp, top_ids = jax.lax.top_k(lp, TOP_LOGPROBS)
+    chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
+    return Logprobs(logprob=chosen, top_ids=top_ids.astype(jnp.int32), top_logprobs=top_lp)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class Prefix:
     """One prefilled prompt, ready to hand to a decode slot."""
 
@@ -71,6 +94,7 @@ class Prefix:
     token: Int[Array, ""]  # first generated token (sampled from the prefill tree's logits)
     length: Int[Array, ""]  # true prompt length
     sampling: SamplingParams  # batch 1: the request's settings, carried into its slot
+    logprobs: Logprobs | None = None  # batch 1: the first token's log-probabilities
     model: str = dataclasses.field(default="", metadata={"static": True})  # host metadata
 
 
@@ -110,10 +134,10 @@ def prefill_step(
     tokens: Int[Array, "1 T"],
     length: Int[Array, " 1"],
     sampling: SamplingParams,
-) -> tuple[KVCache, Int[Array, " 1"]]:
+) -> tuple[KVCache, Int[Array, " 1"], Logprobs]:
     cache = cfg.init_cache(1, tokens.shape[1])
-    token, _, cache = prefill_and_sample(cfg, params, tokens, length, cache, sampling)
-    return cache, token
+    token, logits, cache = prefill_and_sample(cfg, params, tokens, length, cache, sampling)
+    return cache, token, token_logprobs(logits, sampling, token)
 
 
 def insert_step(prefix: Prefix, state: DecodeState, slot: Int[Array, ""]) -> DecodeState:
@@ -126,19 +150,30 @@ def insert_step(prefix: Prefix, state: DecodeState, slot: Int[Array, ""]) -> Dec
     )
 
 
+def decode_step_logprobs(
+    cfg: ModelConfig, params: Params, state: DecodeState
+) -> tuple[DecodeState, tuple[Int[Array, " B"], Logprobs]]:
+    """Advance every active slot by one token (inactive slots keep their length); returns
+    the new tokens and their log-probabilities."""
+    nxt, logits, cache = decode_and_sample(
+        cfg, params, state.tokens, state.cache, state.sampling, state.active
+    )
+    lp = token_logprobs(logits, state.sampling, nxt)
+    return dataclasses.replace(state, cache=cache, tokens=nxt), (nxt, lp)
+
+
 def decode_step(
     cfg: ModelConfig, params: Params, state: DecodeState
 ) -> tuple[DecodeState, Int[Array, " B"]]:
-    """Advance every active slot by one token; inactive slots keep their length."""
-    nxt, _, cache = decode_and_sample(
-        cfg, params, state.tokens, state.cache, state.sampling, state.active
-    )
-    return dataclasses.replace(state, cache=cache, tokens=nxt), nxt
+    """``decode_step_logprobs`` without the log-probabilities (XLA drops their work)."""
+    state, (nxt, _) = decode_step_logprobs(cfg, params, state)
+    return state, nxt
 
 
 _prefill = jax.jit(prefill_step, static_argnums=0)
 _insert = jax.jit(insert_step, donate_argnums=1)
 _generate = jax.jit(decode_step, static_argnums=0, donate_argnums=2)
+_generate_logprobs = jax.jit(decode_step_logprobs, static_argnums=0, donate_argnums=2)
 
 
 class Engine:
@@ -198,8 +233,15 @@ class Engine:
         padded = np.zeros((1, self.bucket(n)), np.int32)
         padded[0, :n] = tokens
         length = jnp.full((1,), n, jnp.int32)
-        cache, token = _prefill(self.cfg, params, jnp.asarray(padded), length, sampling)
-        return Prefix(cache=cache, token=token[0], length=length[0], sampling=sampling, model=model)
+        cache, token, lp = _prefill(self.cfg, params, jnp.asarray(padded), length, sampling)
+        return Prefix(
+            cache=cache,
+            token=token[0],
+            length=length[0],
+            sampling=sampling,
+            logprobs=lp,
+            model=model,
+        )
 
     def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState:
         """Put ``prefix`` into decode slot ``slot``; ``state`` is donated."""
@@ -208,3 +250,9 @@ class Engine:
     def generate(self, params: Params, state: DecodeState) -> tuple[DecodeState, jax.Array]:
         """One decode step of every slot with ``params``; ``state`` is donated."""
         return _generate(self.cfg, params, state)
+
+    def generate_logprobs(
+        self, params: Params, state: DecodeState
+    ) -> tuple[DecodeState, tuple[jax.Array, Logprobs]]:
+        """``generate`` that also returns the new tokens' ``Logprobs``."""
+        return _generate_logprobs(self.cfg, params, state)

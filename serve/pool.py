@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from serve.engine import DecodeState, Engine, EngineConfig, Params, Prefix
+from serve.engine import DecodeState, Engine, EngineConfig, Logprobs, Params, Prefix
 from serve.engine import init_decode_state as _init_state
 from sunjax.config import ModelConfig
 
@@ -88,15 +88,19 @@ class DecodePool:
 
         shared, engine = self.shared, self.engine
 
-        def local_step(params, state):  # params: replicated or [1, ...]; state: B slots
-            if not shared:
-                params = jax.tree.map(lambda x: x[0], params)
-            return engine.generate(params, state)  # the engine's jitted step, traced per worker
+        def local(step):  # step: an Engine method (params, state) -> (state, out), jitted
+            def local_step(params, state):  # params: replicated or [1, ...]; state: B slots
+                if not shared:
+                    params = jax.tree.map(lambda x: x[0], params)
+                return step(params, state)  # the engine's step, traced per worker
 
-        step = shard_map(
-            local_step, mesh=self.mesh, in_specs=(param_spec, P(AXIS)), out_specs=P(AXIS)
-        )
-        self._step = jax.jit(step, donate_argnums=1)
+            spmd = shard_map(
+                local_step, mesh=self.mesh, in_specs=(param_spec, P(AXIS)), out_specs=P(AXIS)
+            )
+            return jax.jit(spmd, donate_argnums=1)
+
+        self._step = local(engine.generate)
+        self._step_logprobs = local(engine.generate_logprobs)
 
     def _stack(self, *leaves: jax.Array) -> jax.Array:
         """One leaf per worker -> one [W, ...] array whose row w lives on worker w."""
@@ -119,10 +123,15 @@ class DecodePool:
         self.state, tokens = self._step(self.params, self.state)
         return np.asarray(tokens)
 
+    def step_logprobs(self) -> tuple[np.ndarray, Logprobs]:
+        """``step`` that also returns the new tokens' log-probabilities (host arrays)."""
+        self.state, out = self._step_logprobs(self.params, self.state)
+        return jax.device_get(out)
+
     def insert(self, prefix: Prefix, worker: int, slot: int) -> None:
         """Hand ``prefix`` to ``worker`` and put it in that worker's local slot ``slot``."""
         device = self.devices[worker]
-        prefix = jax.device_put(prefix, device)
+        prefix = jax.device_put(dataclasses.replace(prefix, logprobs=None), device)
         leaves, treedef = jax.tree.flatten(self.state)
         shards = [{s.device: s.data for s in a.addressable_shards} for a in leaves]
         local = treedef.unflatten([parts[device] for parts in shards])

@@ -15,9 +15,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
+import jax
 import numpy as np
 
-from serve.engine import Params, sampling_params
+from serve.engine import TOP_LOGPROBS, Logprobs, Params, sampling_params
 from serve.pool import DecodePool
 from serve.router import Router
 
@@ -42,6 +43,7 @@ class Request:
     seed: int = 0
     stop: tuple[str, ...] = ()  # stop strings (need a tokenizer)
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks on identical work)
+    logprobs: int | None = None  # record each token's logprob and this many alternatives
 
 
 @dataclasses.dataclass
@@ -51,11 +53,15 @@ class Result:
     tokens: list[int]
     text: str = ""
     finish_reason: str = ""  # "stop" | "length" | "cancelled" | "refused" (never admitted)
+    # (or the reason given to cancel)
     arrival: float = 0.0
+    admitted_at: float | None = None  # prefill started
     first_token_at: float | None = None
     finished_at: float | None = None
     worker: int | None = None
     error: str | None = None  # why a refused request was refused
+    logprobs: list[float] = dataclasses.field(default_factory=list)  # per token, if asked
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
 
     @property
     def ttft(self) -> float | None:
@@ -151,10 +157,17 @@ class Scheduler:
         tokenizer: Tokenizer | None = None,
         eos_ids: Sequence[int] = (),
         max_queue: int = 256,
+        prefills_per_step: int = 0,
         clock: Callable[[], float] = time.perf_counter,
     ):
+        """``prefills_per_step`` > 0 caps the prompts prefilled between two decode steps
+        while slots are decoding, so arriving prompts stall running streams by at most that
+        many prefills (0: admit whatever fits)."""
         if max_queue < 0:
             raise ValueError(f"max_queue={max_queue} must be >= 0")
+        if prefills_per_step < 0:
+            raise ValueError(f"prefills_per_step={prefills_per_step} must be >= 0")
+        self.prefills_per_step = prefills_per_step
         self.pool, self.router, self.tokenizer = pool, router, tokenizer
         self.prefill_params = dict(prefill_params)
         self.engine = pool.engine
@@ -185,6 +198,8 @@ class Scheduler:
         )
         if request.stop and self.tokenizer is None:
             raise ValueError(f"stop={request.stop} needs a tokenizer")
+        if request.logprobs is not None and not 0 <= request.logprobs <= TOP_LOGPROBS:
+            raise ValueError(f"logprobs={request.logprobs} must lie in [0, {TOP_LOGPROBS}]")
         self.router.workers_for(request.model)
 
     def submit(
@@ -193,8 +208,9 @@ class Scheduler:
         on_text: StreamCallback | None = None,
         *,
         arrival: float | None = None,
-    ) -> None:
-        """Queue ``request``. Raises ValueError (bad request) or QueueFull (over the bound)."""
+    ) -> Result:
+        """Queue ``request``; returns its ``Result``, filled in as it runs. Raises ValueError
+        (bad request) or QueueFull (over the bound)."""
         self.validate(request)
         if len(self.queue) >= self.max_queue:
             raise QueueFull(
@@ -210,17 +226,19 @@ class Scheduler:
         self.queue.append(
             _Live(request, result, Detokenizer(self.tokenizer, request.stop), on_text)
         )
+        return result
 
-    def cancel(self, request_id: str) -> bool:
-        """Stop a queued or running request now (its slot is freed); False if not live."""
+    def cancel(self, request_id: str, reason: str = "cancelled") -> bool:
+        """Stop a queued or running request now (its slot is freed) with finish reason
+        ``reason``; False if not live."""
         for live in self.queue:
             if live.request.id == request_id:
                 self.queue.remove(live)
-                self._finish(live, "cancelled")
+                self._finish(live, reason)
                 return True
         for slot, live in enumerate(self.slots):
             if live is not None and live.request.id == request_id:
-                self._free(slot, "cancelled")
+                self._free(slot, reason)
                 self.pool.set_active(self.active)
                 return True
         return False
@@ -235,12 +253,16 @@ class Scheduler:
         self._admit()
         if not self.active.any():
             return
-        tokens = self.pool.step()
+        live = [int(s) for s in np.flatnonzero(self.active)]
+        if any(self.slots[s].request.logprobs is not None for s in live):
+            tokens, lp = self.pool.step_logprobs()
+        else:
+            tokens, lp = self.pool.step(), None
         self.decode_steps += 1
         self.occupancy_sum += self.active.mean()
         freed = False
-        for slot in np.flatnonzero(self.active):
-            reason = self._append(self.slots[slot], int(tokens[slot]))
+        for slot in live:
+            reason = self._append(self.slots[slot], int(tokens[slot]), lp, slot)
             if reason:
                 self._free(slot, reason)
                 freed = True
@@ -265,14 +287,18 @@ class Scheduler:
     def _admit(self) -> None:
         free = self.free_slots()
         waiting = list(self.queue)
+        budget = self.prefills_per_step if self.active.any() else 0
         for live in waiting:
             if not any(free):
+                break
+            if budget and len(waiting) - len(self.queue) >= budget:
                 break
             worker = self.router.pick(live.request.model, free)
             if worker is None:
                 continue  # this model's workers are full; later requests may fit elsewhere
             self.queue.remove(live)
             req = live.request
+            live.result.admitted_at = self.clock()
             sp = sampling_params(
                 temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed
             )
@@ -280,7 +306,8 @@ class Scheduler:
                 self.prefill_params[req.model], req.prompt, sp, model=req.model
             )
             live.result.worker = worker
-            reason = self._append(live, int(prefix.token))
+            lp = None if req.logprobs is None else jax.device_get(prefix.logprobs)
+            reason = self._append(live, int(prefix.token), lp, 0)
             if reason:
                 self._finish(live, reason)
                 continue
@@ -291,12 +318,17 @@ class Scheduler:
             self.slots[slot], self.active[slot] = live, True
             free[worker] -= 1
 
-    def _append(self, live: _Live, token: int) -> str:
-        """Record one new token; returns the finish reason or ""."""
+    def _append(self, live: _Live, token: int, lp: Logprobs | None = None, row: int = 0) -> str:
+        """Record one new token (and its logprobs, row ``row`` of ``lp``, if the request
+        asks for them); returns the finish reason or ""."""
         res = live.result
         if res.first_token_at is None:
             res.first_token_at = self.clock()
         res.tokens.append(token)
+        if live.request.logprobs is not None and lp is not None:
+            res.logprobs.append(float(lp.logprob[row]))
+            top = zip(lp.top_ids[row].tolist(), lp.top_logprobs[row].tolist(), strict=True)
+            res.top_logprobs.append(list(top)[: live.request.logprobs])
         if token in self.eos and not live.request.ignore_eos:
             return "stop"
         live.detok.push(token)

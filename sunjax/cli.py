@@ -16,6 +16,7 @@ COMMANDS = {
     "report": ("train.report:main", "accuracy report: base / full FT / naive pairing / SUN"),
     "export": ("train.launch:export_main", "export a decode tree and task modules (Orbax)"),
     "serve-loop": ("serve.loop:main", "run the serving loop over a request file or workload"),
+    "serve": ("serve.server.main:main", "OpenAI-compatible HTTP server (one shared decode pool)"),
     "demo": ("apps.demo:main", "end to end: train three tasks, export, serve, report"),
     "simulate": ("apps.simulate:main", "cluster model: `simulate run|validate|report`"),
 }
@@ -23,6 +24,7 @@ COMMANDS = {
 BENCHES = {
     "decode": "apps.bench.decode:main",  # decode step vs HBM floor, scan vs unrolled layers
     "generate": "apps.bench.generate:main",  # sunjax vs transformers generate
+    "http": "apps.bench.http:main",  # HTTP server vs the in-process scheduler, one workload
     "matmul": "kernels_pallas.quant_matmul.bench:main",  # int4/int8 matmul kernels vs XLA
     "paged": "kernels_pallas.paged_attention.bench:main",  # paged vs dense decode attention
     "qsun": "apps.bench.qsun:main",  # decode step: bf16 vs int4 vs mixed decode trees

@@ -1,0 +1,38 @@
+"""A tiny random SUN export with SmolLM2's tokenizer: real text, millisecond decode steps.
+
+The server tests, the soak script and ``sunjax bench http`` serve it on the CPU.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+
+from sunjax import hub
+from sunjax.config import ModelConfig
+from sunjax.export import export
+from sunjax.model import init_params
+from sunjax.tokenizer import load_tokenizer
+
+TINY = ModelConfig(
+    vocab_size=49152,  # SmolLM2's vocabulary, so its tokenizer and chat template apply
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    ffn_dim=128,
+    tie_word_embeddings=True,
+    max_position_embeddings=1024,
+)
+
+
+def tiny_export(root: str, tasks: tuple[str, ...] = ("math", "code"), seed: int = 0) -> str:
+    """Write an export under ``root``: decode tree ``PRNGKey(seed)``, every task module its
+    own random init keyed by its name (so a test can tell which tree ran). Returns the
+    version directory."""
+    decode = init_params(TINY, jax.random.PRNGKey(seed))
+    prefill = {t: init_params(TINY, jax.random.PRNGKey(zlib.crc32(t.encode()))) for t in tasks}
+    tok = load_tokenizer(hub.resolve("smollm2"))
+    return export(root, TINY, decode, prefill, tokenizer_source="smollm2", tokenizer=tok)
