@@ -17,14 +17,32 @@ import argparse
 import os
 import time
 
-# Measured on the 2-core CPU (issue 11 note): the smallest recipe that keeps SUN within 2
-# points of full fine-tuning and the naive pairing >= 10 points under SUN on all three tasks.
+# Measured on the 2-core CPU (issue 11 note; SmolLM2, seed 0, 50 test examples): 16 steps of 4
+# examples fit the time budget; tool needs the higher rate for SUN to catch up with full
+# fine-tuning (12 x 8 at 3e-4: SUN 52, full 74), arith's full fine-tune breaks at it (6 %).
 RECIPES = {
-    "smollm2": dict(steps=12, batch_size=8, learning_rate=3e-4, n_train=1000),
+    "smollm2": dict(
+        steps=16,
+        batch_size=4,
+        learning_rate={"arith": 3e-4, "code": 3e-4, "tool": 6e-4},
+        n_train=2000,
+    ),
     "tiny": dict(steps=150, batch_size=16, learning_rate=2e-3, n_train=2000),
 }
-WORKERS = 4
-MAX_WORKERS = 12  # the conventional layout is grown up to this many workers to match SUN
+WORKERS, SLOTS = 4, 4
+MAX_WORKERS = 8  # the conventional layout is grown up to this many workers to match SUN
+# SmolLM2's chat template adds this system turn when a chat has none (21 tokens per prompt)
+DEFAULT_SYSTEM = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n"
+)
+
+
+def drop_default_system(tok) -> None:
+    """Leave a chat without a system turn without one: prompts 21 tokens shorter, for
+    training, evaluation and serving alike (the export carries this tokenizer)."""
+    if tok.chat_template and DEFAULT_SYSTEM in tok.chat_template:
+        tok.chat_template = tok.chat_template.replace(DEFAULT_SYSTEM, "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     out = os.path.abspath(args.out)
     print(f"[1/4] base model: {args.model}", flush=True)
     cfg, base, tok, tok_source = load_base(args.model)
+    drop_default_system(tok)
 
     print(
         f"[2/4] fine-tuning 3 tasks x (full FT, SUN), {recipe['steps']} steps of "
@@ -99,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     setup = serving_table.Setup(
         workers=WORKERS,
+        slots_per_worker=SLOTS,
         requests=args.requests,
         max_len=max(len(p) for ps in prompts.values() for p in ps) + 32,
         max_conventional_workers=MAX_WORKERS,
@@ -124,7 +144,7 @@ def closing(report, table, recipe, model, vdir, out, seconds) -> str:
     lines = [
         f"What ran: {model} as the base; per task, a full fine-tune and a SUN prefill module, "
         f"{recipe['steps']} steps each on the same {recipe['n_train']} training examples "
-        f"(batch {recipe['batch_size']}, learning rate {recipe['learning_rate']:g}).",
+        f"(batch {recipe['batch_size']}, learning rate {recipe['learning_rate']}).",
         "Accuracy: SUN minus full fine-tuning is "
         + ", ".join(f"{t} {g:+.0f}" for t, g in gaps.items())
         + " points, although SUN never changed the decode module; the full fine-tunes paired "

@@ -28,6 +28,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Mapping
 
 import jax.numpy as jnp
 from tqdm import tqdm
@@ -53,6 +54,14 @@ TITLES = {
 }
 
 
+def _per_task(value: float | Mapping[str, float], task: str) -> float:
+    if isinstance(value, Mapping):
+        if task not in value:
+            raise ValueError(f"learning_rate has no entry for task {task!r}: {dict(value)}")
+        return float(value[task])
+    return float(value)
+
+
 def _needs(columns) -> set[str]:
     """Which modules the columns need trained: "full", "sun", "qsun"."""
     need = set()
@@ -76,7 +85,7 @@ def run_report(
     quant: dict | None = None,
     train_seed: int | None = None,
     batch_size: int = 16,
-    learning_rate: float = 2e-3,
+    learning_rate: float | Mapping[str, float] = 2e-3,
     difficulty: str = "tiny",
     tasks: tuple[str, ...] | None = None,
     progress: bool = True,
@@ -86,7 +95,8 @@ def run_report(
     ``columns`` defaults to ``COLUMNS`` (+ ``QSUN_COLUMNS`` with ``qsun``); only the modules the
     columns need are trained. ``quant`` overlays ``QUANT_DEFAULTS`` for the quantized decode
     module. ``seed`` fixes data, test set and calibration; ``train_seed`` (default ``seed``)
-    the batch order of training."""
+    the batch order of training. ``learning_rate`` may be one value or one per task (every
+    column of a task is trained at its task's rate)."""
     for t in tasks or ():
         get_task(t)  # ValueError naming an unknown one
     columns = tuple(columns or COLUMNS + (QSUN_COLUMNS if qsun else ()))
@@ -115,7 +125,7 @@ def run_report(
             mode="sun",
             steps=steps,
             batch_size=batch_size,
-            learning_rate=learning_rate,
+            learning_rate=_per_task(learning_rate, name),
             warmup_steps=steps // 10,
             seed=train_seed,
         )
@@ -153,6 +163,8 @@ def run_report(
         "n_test": n_test,
         "seed": seed,
         "train_seed": train_seed,
+        "batch_size": batch_size,
+        "learning_rate": {t: _per_task(learning_rate, t) for t in rows},
         "difficulty": difficulty,
         "decode_quant": quant if quantized else None,
         "columns": list(columns),
