@@ -17,6 +17,7 @@ COMMANDS = {
     "export": ("train.launch:export_main", "export a decode tree and task modules (Orbax)"),
     "serve-loop": ("serve.loop:main", "run the serving loop over a request file or workload"),
     "serve": ("serve.server.main:main", "OpenAI-compatible HTTP server (one shared decode pool)"),
+    "cluster": ("serve.cluster.launch:main", "disaggregated cluster: frontend, prefill, decode"),
     "demo": ("apps.demo:main", "end to end: train three tasks, export, serve, report"),
     "simulate": ("apps.simulate:main", "cluster model: `simulate run|validate|report`"),
 }
