@@ -62,9 +62,12 @@ class Instance:
     assigned: int = 0  # requests reserved on it (prefill: waiting for their prefill)
     handled: int = 0  # requests it took since the frontend started
     lost: int = 0  # times it was lost
+    most_models: int = 0  # decode: most distinct models one of its decode steps advanced
 
     def view(self) -> dict:
         out = {"role": self.role, "up": self.up, "handled": self.handled, "lost": self.lost}
+        if self.role == "decode":
+            out["most_models_in_a_step"] = self.most_models
         return out | ({"assigned": self.assigned} if self.up else {})
 
 
@@ -433,6 +436,10 @@ class ClusterScheduler:
     def _tokens(self, inst: Instance, msg: dict) -> None:
         self.decode_steps += 1
         done = set(msg["done"])
+        models = {
+            self.flights[i[0]].live.request.model for i in msg["items"] if i[0] in self.flights
+        }
+        inst.most_models = max(inst.most_models, len(models))
         for item in msg["items"]:
             rid, token = item[0], int(item[1])
             flight = self.flights.get(rid)

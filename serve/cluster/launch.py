@@ -121,8 +121,12 @@ def run_all(args: argparse.Namespace, config: ClusterConfig) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    frontend = procs[0]
+    frontend, running = procs[0], set(range(1, len(procs)))
     while frontend.poll() is None:
+        for i in sorted(running):
+            if procs[i].poll() is not None:  # reaped; the frontend sees it stop heartbeating
+                running.discard(i)
+                log.warning("%s exited with %s", " ".join(procs[i].args[-4:]), procs[i].returncode)
         time.sleep(0.2)
     stop()
     deadline = time.monotonic() + 15
