@@ -23,6 +23,7 @@ COMMANDS = {
 }
 # bench name -> module:function taking argv
 BENCHES = {
+    "cluster": "apps.bench.cluster:main",  # SUN vs conventional through real processes
     "decode": "apps.bench.decode:main",  # decode step vs HBM floor, scan vs unrolled layers
     "generate": "apps.bench.generate:main",  # sunjax vs transformers generate
     "http": "apps.bench.http:main",  # HTTP server vs the in-process scheduler, one workload

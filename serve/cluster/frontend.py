@@ -145,7 +145,8 @@ class ClusterScheduler:
         self.flights: dict[str, Flight] = {}
         self.results: dict[str, Result] = {}
         self.handoffs: list[Handoff] = []
-        self.decode_steps = 0
+        self.decode_steps = 0  # decode steps of all decode instances
+        self.decode_rows = 0  # requests those steps advanced (occupancy = rows / steps / slots)
         self.hub = wire.Hub(f"tcp://{config.host}:{config.control_port}")
         self._fingerprint: str | None = None
         self.snapshot: dict = self._health()
@@ -435,6 +436,7 @@ class ClusterScheduler:
 
     def _tokens(self, inst: Instance, msg: dict) -> None:
         self.decode_steps += 1
+        self.decode_rows += len(msg["items"])
         done = set(msg["done"])
         models = {
             self.flights[i[0]].live.request.model for i in msg["items"] if i[0] in self.flights
