@@ -92,7 +92,13 @@ def run_policy(policy: str, export: str, args, env: dict) -> dict:
             sched.handoffs.clear()
             steps0, rows0 = sched.decode_steps, sched.decode_rows
             start_t = time.perf_counter()
-            results = [sched.submit(dataclasses.replace(a.request, ignore_eos=True)) for a in work]
+            sched.results.clear()
+            results = [
+                sched.submit(
+                    dataclasses.replace(a.request, id=f"{alpha}-{a.request.id}", ignore_eos=True)
+                )
+                for a in work
+            ]
             sched.run_until_idle()
             wall = time.perf_counter() - start_t
             bad = [r.finish_reason for r in results if r.finish_reason != "length"]
