@@ -319,28 +319,7 @@ class Scheduler:
             free[worker] -= 1
 
     def _append(self, live: _Live, token: int, lp: Logprobs | None = None, row: int = 0) -> str:
-        """Record one new token (and its logprobs, row ``row`` of ``lp``, if the request
-        asks for them); returns the finish reason or ""."""
-        res = live.result
-        if res.first_token_at is None:
-            res.first_token_at = self.clock()
-        res.tokens.append(token)
-        if live.request.logprobs is not None and lp is not None:
-            res.logprobs.append(float(lp.logprob[row]))
-            top = zip(lp.top_ids[row].tolist(), lp.top_logprobs[row].tolist(), strict=True)
-            res.top_logprobs.append(list(top)[: live.request.logprobs])
-        if token in self.eos and not live.request.ignore_eos:
-            return "stop"
-        live.detok.push(token)
-        if live.detok.stopped:
-            return "stop"
-        if len(res.tokens) >= live.request.max_tokens:
-            return "length"
-        if live.on_text is not None:
-            delta = live.detok.take()
-            if delta:
-                live.on_text(res.id, delta, False)
-        return ""
+        return record_token(live, token, lp, row, eos=self.eos, now=self.clock())
 
     def _free(self, slot: int, reason: str) -> None:
         live = self.slots[slot]
@@ -348,10 +327,45 @@ class Scheduler:
         self._finish(live, reason)
 
     def _finish(self, live: _Live, reason: str) -> None:
-        live.detok.flush()
-        delta = live.detok.take(final=True)
-        res = live.result
-        res.text, res.finish_reason, res.finished_at = live.detok.text, reason, self.clock()
-        self.results[res.id] = res
-        if live.on_text is not None:
-            live.on_text(res.id, delta, True)
+        finish_live(live, reason, now=self.clock(), results=self.results)
+
+
+def record_token(
+    live: _Live, token: int, lp: Logprobs | None, row: int, *, eos: frozenset[int], now: float
+) -> str:
+    """Record one new token of ``live`` (and its logprobs, row ``row`` of ``lp``, if the
+    request asks for them), stream the text that is safe to show; returns the finish reason
+    or "". Shared by the in-process scheduler and the cluster frontend."""
+    res = live.result
+    if res.first_token_at is None:
+        res.first_token_at = now
+    res.tokens.append(token)
+    if live.request.logprobs is not None and lp is not None:
+        res.logprobs.append(float(lp.logprob[row]))
+        top = zip(lp.top_ids[row].tolist(), lp.top_logprobs[row].tolist(), strict=True)
+        res.top_logprobs.append(list(top)[: live.request.logprobs])
+    if token in eos and not live.request.ignore_eos:
+        return "stop"
+    live.detok.push(token)
+    if live.detok.stopped:
+        return "stop"
+    if len(res.tokens) >= live.request.max_tokens:
+        return "length"
+    if live.on_text is not None:
+        delta = live.detok.take()
+        if delta:
+            live.on_text(res.id, delta, False)
+    return ""
+
+
+def finish_live(live: _Live, reason: str, *, now: float, results: dict[str, Result]) -> Result:
+    """End ``live`` with ``reason``: flush its text, stamp it, file it in ``results``, then
+    send the last delta (whose callback may take it out of ``results`` again)."""
+    live.detok.flush()
+    delta = live.detok.take(final=True)
+    res = live.result
+    res.text, res.finish_reason, res.finished_at = live.detok.text, reason, now
+    results[res.id] = res
+    if live.on_text is not None:
+        live.on_text(res.id, delta, True)
+    return res

@@ -17,11 +17,13 @@ COMMANDS = {
     "export": ("train.launch:export_main", "export a decode tree and task modules (Orbax)"),
     "serve-loop": ("serve.loop:main", "run the serving loop over a request file or workload"),
     "serve": ("serve.server.main:main", "OpenAI-compatible HTTP server (one shared decode pool)"),
+    "cluster": ("serve.cluster.launch:main", "disaggregated cluster: frontend, prefill, decode"),
     "demo": ("apps.demo:main", "end to end: train three tasks, export, serve, report"),
     "simulate": ("apps.simulate:main", "cluster model: `simulate run|validate|report`"),
 }
 # bench name -> module:function taking argv
 BENCHES = {
+    "cluster": "apps.bench.cluster:main",  # SUN vs conventional through real processes
     "decode": "apps.bench.decode:main",  # decode step vs HBM floor, scan vs unrolled layers
     "generate": "apps.bench.generate:main",  # sunjax vs transformers generate
     "http": "apps.bench.http:main",  # HTTP server vs the in-process scheduler, one workload

@@ -157,7 +157,7 @@ def build_app(
 
     @app.get("/health")
     async def health() -> Response:
-        body = {"status": runtime.state}
+        body = {"status": runtime.state, **runtime.health()}
         if runtime.error is not None:
             body["error"] = repr(runtime.error)
         return JSONResponse(body, status_code=200 if runtime.ready else 503)

@@ -82,7 +82,26 @@ class Metrics:
             "Longest time between consecutive decode steps while slots stayed busy",
             registry=r,
         )
+        self.instance_up = Gauge(
+            "sunjax_instance_up",
+            "Cluster instances: 1 while it heartbeats, 0 once lost",
+            ["instance", "role"],
+            registry=r,
+        )
+        self.instance_lost = Counter(
+            "sunjax_instance_lost", "Times a cluster instance was lost", ["instance"], registry=r
+        )
+        self.handoff_seconds = Histogram(
+            "sunjax_kv_handoff_seconds",
+            "First token at the frontend to KV inserted on the decode instance",
+            buckets=LATENCY,
+            registry=r,
+        )
+        self.handoff_bytes = Counter(
+            "sunjax_kv_handoff_bytes", "KV cache bytes handed from prefill to decode", registry=r
+        )
         self._models: set[str] = set()
+        self._up: dict[str, bool] = {}
         self._max_interval = 0.0
 
     def add_model(self, model: str) -> None:
@@ -129,6 +148,17 @@ class Metrics:
             if interval > self._max_interval:
                 self._max_interval = interval
                 self.max_step_interval.set(interval)
+
+    def instance(self, name: str, role: str, up: bool) -> None:
+        if self._up.get(name) and not up:
+            self.instance_lost.labels(name).inc()
+        self._up[name] = up
+        self.instance_lost.labels(name)
+        self.instance_up.labels(name, role).set(int(up))
+
+    def handoff(self, seconds: float, kv_bytes: int) -> None:
+        self.handoff_seconds.observe(seconds)
+        self.handoff_bytes.inc(kv_bytes)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -104,6 +104,11 @@ class Runtime:
     def ready(self) -> bool:
         return self.state == "ready"
 
+    def health(self) -> dict:
+        """What the scheduler adds to ``/health`` (a cluster: its instances)."""
+        extra = getattr(self.sched, "health", None)
+        return extra() if extra is not None else {}
+
     @property
     def inflight(self) -> int:
         return sum(self._inflight.values())
@@ -302,15 +307,19 @@ class Runtime:
         res = track.sub.results[track.index]
         new = slice(track.sent, len(res.tokens))
         track.sent = len(res.tokens)
-        chunk = Chunk(
-            index=track.index,
-            text=delta,
-            tokens=res.tokens[new],
-            logprobs=res.logprobs[new],
-            top_logprobs=res.top_logprobs[new],
-            finish_reason=res.finish_reason if finished else None,
-        )
-        self._outbox.append((track.sub.events, chunk))
+        if finished and res.finish_reason == "error":  # a cluster instance was lost under it
+            err = APIError(503, res.error or "the request failed", code="instance_lost")
+            self._outbox.append((track.sub.events, err))
+        else:
+            chunk = Chunk(
+                index=track.index,
+                text=delta,
+                tokens=res.tokens[new],
+                logprobs=res.logprobs[new],
+                top_logprobs=res.top_logprobs[new],
+                finish_reason=res.finish_reason if finished else None,
+            )
+            self._outbox.append((track.sub.events, chunk))
         if finished:
             del self._live[rid]
             self.sched.results.pop(rid, None)

@@ -1,0 +1,173 @@
+"""SUN vs conventional through real processes: ``sunjax bench cluster --out DIR``.
+
+One prefill process (every task module) and D decode processes on this host; the frontend is
+``ClusterScheduler`` in this process, so every request's timings and KV hand-off are
+recorded exactly. The same seeded Zipf workload (all requests at once, ``ignore_eos``) runs
+at each alpha under both policies:
+
+* ``sun``: every decode process holds the shared decode tree, least-loaded routing;
+* ``conventional``: decode process i holds task i's full tree, model-affine routing.
+
+Writes ``DIR/bench.json``: per policy and alpha, throughput, TTFT / TPOT percentiles,
+decode-batch occupancy and the hand-off (frontend-observed seconds from first token to KV
+inserted, the decode process's pull + insert, KV bytes per request).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import yaml
+
+from apps.remote_server import REPO, free_port
+from apps.tiny import TINY, tiny_export
+from serve.cluster.config import cluster_config
+from serve.cluster.frontend import ClusterScheduler
+from serve.workload import WorkloadConfig, make_workload
+
+TASKS = ("math", "code")
+
+
+def _pct(xs, q) -> float | None:
+    return float(np.percentile(xs, q)) if len(xs) else None
+
+
+def start(raw: dict, env: dict) -> tuple[str, list[subprocess.Popen]]:
+    path = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False).name
+    with open(path, "w") as f:
+        yaml.safe_dump(raw, f)
+    cmd = [sys.executable, "-m", "sunjax.cli", "cluster", "--config", path, "--role"]
+    roles = [("prefill", s["name"]) for s in raw["prefill"]]
+    roles += [("decode", s["name"]) for s in raw["decode"]]
+    procs = [subprocess.Popen(cmd + [r, "--name", n], env=env) for r, n in roles]
+    return path, procs
+
+
+def run_policy(policy: str, export: str, args, env: dict) -> dict:
+    decode = [{"name": f"d{i}"} for i in range(len(TASKS))]
+    if policy == "conventional":
+        decode = [{"name": f"d{i}", "model": t} for i, t in enumerate(TASKS)]
+    raw = {
+        "policy": policy,
+        "export": export,
+        "frontend": {"control_port": free_port()},
+        "prefill": [{"name": "p0", "tasks": list(TASKS)}],
+        "decode": decode,
+        "slots": args.slots,
+        "max_len": 128,
+        "min_bucket": 16,
+        "log_level": "error",
+    }
+    path, procs = start(raw, env)
+    config = cluster_config(raw)
+    sched = ClusterScheduler(config, TINY, poll_s=0.001)
+    out = {}
+    try:
+        sched.wait_ready(600)
+        for alpha in args.alphas:
+            work = make_workload(
+                WorkloadConfig(
+                    requests=args.requests,
+                    rate=0.0,
+                    zipf_alpha=alpha,
+                    prompt_len=(8, 48),
+                    output_len=(16, 64),
+                ),
+                list(TASKS),
+                TINY.vocab_size,
+            )
+            for i, t in enumerate(TASKS):  # compile every first pull before timing
+                warm = dataclasses.replace(work[0].request, id=f"warm-{alpha}-{i}", model=t)
+                sched.submit(warm)
+            sched.run_until_idle()
+            sched.handoffs.clear()
+            steps0, rows0 = sched.decode_steps, sched.decode_rows
+            start_t = time.perf_counter()
+            sched.results.clear()
+            results = [
+                sched.submit(
+                    dataclasses.replace(a.request, id=f"{alpha}-{a.request.id}", ignore_eos=True)
+                )
+                for a in work
+            ]
+            sched.run_until_idle()
+            wall = time.perf_counter() - start_t
+            bad = [r.finish_reason for r in results if r.finish_reason != "length"]
+            if bad:
+                raise RuntimeError(f"{len(bad)} requests did not finish: {bad[:3]}")
+            tokens = sum(len(r.tokens) for r in results)
+            ho = sched.handoffs
+            steps = sched.decode_steps - steps0
+            out[str(alpha)] = {
+                "requests": len(results),
+                "tokens": tokens,
+                "wall_s": wall,
+                "throughput_tok_s": tokens / wall,
+                "ttft_ms_p50": 1e3 * _pct([r.ttft for r in results], 50),
+                "ttft_ms_p99": 1e3 * _pct([r.ttft for r in results], 99),
+                "tpot_ms_p50": 1e3 * _pct([r.tpot for r in results if r.tpot], 50),
+                "tpot_ms_p99": 1e3 * _pct([r.tpot for r in results if r.tpot], 99),
+                "decode_steps": steps,
+                "occupancy": (sched.decode_rows - rows0) / max(steps * args.slots, 1),
+                "handoff_ms_p50": 1e3 * _pct([h.seconds for h in ho], 50),
+                "handoff_ms_p99": 1e3 * _pct([h.seconds for h in ho], 99),
+                "pull_insert_ms_p50": 1e3 * _pct([h.pull_seconds for h in ho], 50),
+                "pull_insert_ms_p99": 1e3 * _pct([h.pull_seconds for h in ho], 99),
+                "kv_bytes_p50": _pct([h.kv_bytes for h in ho], 50),
+                "kv_bytes_max": max(h.kv_bytes for h in ho),
+                "per_model": {t: sum(r.model == t for r in results) for t in TASKS},
+            }
+            print(policy, alpha, json.dumps(out[str(alpha)]), flush=True)
+    finally:
+        sched.close()
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        os.unlink(path)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="sunjax bench cluster", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--alphas", default="0,1,1.5")
+    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--slots", type=int, default=8, help="decode slots per decode process")
+    args = ap.parse_args(argv)
+    args.alphas = [float(a) for a in args.alphas.split(",")]
+    os.makedirs(args.out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="sunjax-bench-cluster-")
+    export = os.path.join(work, "exp")
+    tiny_export(export, TASKS)
+    cache = os.path.join(work, "jax-cache")
+    env = {
+        **os.environ,
+        "PYTHONPATH": REPO,
+        "JAX_COMPILATION_CACHE_DIR": cache,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+    results = {p: run_policy(p, export, args, env) for p in ("sun", "conventional")}
+    meta = {
+        "model": "apps.tiny.TINY (random, 2 layers, d_model 64, SmolLM2 vocabulary)",
+        "processes": f"1 prefill + {len(TASKS)} decode + this frontend",
+        "slots_per_decode_process": args.slots,
+        "requests": args.requests,
+        "arrivals": "all at once; ignore_eos; prompts 8-48, outputs 16-64 tokens",
+    }
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+    return 0

@@ -1,0 +1,231 @@
+"""``sunjax cluster``: a frontend, a prefill and two decode processes on localhost (the
+launcher makes five), driven with the official ``openai`` client.
+
+The export is tiny and random (``apps.tiny``): every task's prefill tree differs from the
+decode tree, so matching ``sunjax.generate`` token for token proves the KV cache crossed the
+process boundary intact and each stage ran its own tree.
+"""
+
+import concurrent.futures as cf
+import glob
+import os
+import time
+
+import httpx
+import openai
+import pytest
+
+from apps.local_cluster import LocalCluster
+from apps.tiny import tiny_export
+from serve.cluster.config import cluster_config, load_cluster_config
+from sunjax.export import load_export
+from sunjax.generate import generate
+from sunjax.tokenizer import eos_ids, load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SETTINGS = dict(slots=4, max_len=256, min_bucket=64, heartbeat_s=0.1, lost_after_s=1.0)
+PROMPTS = ["The quick brown fox", "Once upon a time there was", "def add(a, b):", "2 + 2 ="]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("export") / "exp")
+    tiny_export(root, ("math", "code"))
+    cfg, decode, prefill, manifest = load_export(root)
+    return {
+        "root": root,
+        "cfg": cfg,
+        "decode": decode,
+        "prefill": prefill,
+        "tok": load_tokenizer(manifest["tokenizer"]),
+        "cache": str(tmp_path_factory.mktemp("jax-cache")),
+    }
+
+
+def reference(exports, model, ids, n, *, conventional=False):
+    """``sunjax.generate``: the task's prefill tree, then the shared decode tree (SUN) or the
+    task's own tree (conventional)."""
+    tree = exports["prefill"][model]
+    out = generate(
+        exports["cfg"],
+        tree,
+        [ids],
+        max_new_tokens=n,
+        eos_ids=eos_ids(exports["tok"]),
+        decode_params=tree if conventional else exports["decode"],
+    )
+    return [exports["tok"].decode([t]) for t in out.tokens[0]]
+
+
+def mixed_requests(client, tok, n_tokens=24):
+    """Eight concurrent greedy completions, both models, every prompt; ``{(model, prompt):
+    token strings}``."""
+    jobs = [(m, p) for m in ("math", "code") for p in PROMPTS]
+
+    def one(job):
+        model, prompt = job
+        out = client.completions.create(
+            model=model, prompt=tok.encode(prompt), max_tokens=n_tokens, temperature=0, logprobs=0
+        )
+        return out.choices[0].logprobs.tokens
+
+    with cf.ThreadPoolExecutor(len(jobs)) as ex:
+        return dict(zip(jobs, ex.map(one, jobs), strict=True))
+
+
+@pytest.fixture(scope="module")
+def sun(exports):
+    with LocalCluster(
+        exports["root"],
+        prefill={"p0": ["math", "code"]},
+        decode=["d0", "d1"],
+        compile_cache=exports["cache"],
+        **SETTINGS,
+    ) as c:
+        yield c
+
+
+def test_config_files_load_and_bad_values_are_named():
+    for path in sorted(glob.glob(f"{ROOT}/configs/cluster/*.yaml")):
+        config = load_cluster_config(path)
+        assert config.decode and config.prefill and config.host == "127.0.0.1"
+    base = {
+        "export": "x",
+        "prefill": [{"name": "p0", "tasks": ["math"]}],
+        "decode": [{"name": "d0"}],
+    }
+    with pytest.raises(ValueError, match="policy='shared'"):
+        cluster_config({**base, "policy": "shared"})
+    two = {**base, "policy": "conventional", "prefill": [{"name": "p0", "tasks": ["a", "b"]}]}
+    with pytest.raises(ValueError, match=r"no decode instance decodes \['b'\]"):
+        cluster_config({**two, "decode": [{"name": "d0", "model": "a"}]})
+    with pytest.raises(ValueError, match="'d0' has model='x'"):
+        cluster_config({**two, "decode": [{"name": "d0", "model": "x"}]})
+    with pytest.raises(ValueError, match=r"repeated: \['p0'\]"):
+        cluster_config({**base, "decode": [{"name": "p0"}]})
+    with pytest.raises(ValueError, match=r"unknown keys \['gpu'\]"):
+        cluster_config({**base, "decode": [{"name": "d0", "gpu": 1}]})
+    with pytest.raises(ValueError, match="heartbeat_s=3"):
+        cluster_config({**base, "heartbeat_s": 3})
+
+
+def test_ports_bind_localhost(sun):
+    listening = [
+        (p.cmdline()[-1], c.laddr)
+        for p in sun.processes()
+        for c in p.net_connections(kind="inet")
+        if c.status == "LISTEN"
+    ]
+    # the HTTP port, the control port, a transfer server per instance (and its transport)
+    assert len(listening) >= 5
+    assert {addr.ip for _, addr in listening} == {"127.0.0.1"}, listening
+
+
+def test_sun_equals_generate_with_models_mixed_in_decode_batches(sun, exports):
+    got = mixed_requests(sun.client(), exports["tok"])
+    for (model, prompt), tokens in got.items():
+        assert tokens == reference(exports, model, exports["tok"].encode(prompt), 24), model
+    h = sun.health()["instances"]
+    assert h["d0"]["handled"] > 0 and h["d1"]["handled"] > 0  # least-loaded used both
+    # one decode step of one instance advanced both task models' requests
+    assert max(h[d]["most_models_in_a_step"] for d in ("d0", "d1")) == 2
+    m = sun.metrics()
+    assert m[("sunjax_kv_handoff_seconds_count", ())] >= len(got)
+    assert m[("sunjax_kv_handoff_bytes_total", ())] > 0
+
+
+def test_unknown_task_is_404(sun):
+    with pytest.raises(openai.NotFoundError, match="model 'chat' is not served"):
+        sun.client().completions.create(model="chat", prompt="Hi", max_tokens=2)
+
+
+def test_decode_killed_mid_stream_fails_its_requests_and_a_restart_rejoins(sun, exports):
+    client = sun.client(timeout=60)
+    ids = exports["tok"].encode("Tell me a story")
+    started, ended = {}, {}
+
+    def stream(i):
+        chunks = 0
+        try:
+            for _ in client.completions.create(
+                model=("math", "code")[i % 2], prompt=ids, max_tokens=220, stream=True
+            ):
+                chunks += 1
+                started.setdefault(i, time.monotonic())
+            ended[i] = ("ok", time.monotonic())
+        except openai.APIError as e:
+            ended[i] = (str(e), time.monotonic())
+        return chunks
+
+    with cf.ThreadPoolExecutor(4) as ex:
+        futures = [ex.submit(stream, i) for i in range(4)]
+        deadline = time.monotonic() + 60
+        while len(started) < 4 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(started) == 4, "the streams did not start"
+        sun.kill("d1")
+        killed = time.monotonic()
+        chunks = [f.result(timeout=60) for f in futures]
+    outcomes = [ended[i][0] for i in range(4)]
+    errors = [i for i in range(4) if outcomes[i] != "ok"]
+    # least-loaded put two streams on each instance: d1's two end in an error, d0's complete
+    assert len(errors) == 2, outcomes
+    for i in errors:
+        assert "decode instance 'd1' was lost" in outcomes[i]
+        assert ended[i][1] - killed < SETTINGS["lost_after_s"] + 3.0  # not a hang
+        assert 0 < chunks[i] < 220
+    h = sun.health()
+    assert h["down"] == ["d1"] and h["instances"]["d1"]["lost"] == 1
+    m = sun.metrics()
+    assert m[("sunjax_instance_up", (("instance", "d1"), ("role", "decode")))] == 0
+    assert m[("sunjax_instance_lost_total", (("instance", "d1"),))] == 1
+    # the survivors keep serving
+    out = client.completions.create(model="code", prompt=ids, max_tokens=4, temperature=0)
+    assert out.choices[0].finish_reason == "length"
+    # a restarted d1 rejoins and takes requests again
+    before = h["instances"]["d1"]["handled"]
+    sun.restart("d1")
+    sun.wait_up(["d1"], timeout=240)
+    got = mixed_requests(client, exports["tok"], n_tokens=8)
+    for (model, prompt), tokens in got.items():
+        assert tokens == reference(exports, model, exports["tok"].encode(prompt), 8)
+    assert sun.health()["instances"]["d1"]["handled"] > before
+
+
+def test_prefill_down_is_503_not_a_hang(sun):
+    sun.kill("p0")
+    deadline = time.monotonic() + SETTINGS["lost_after_s"] + 5
+    while "p0" not in sun.health()["down"]:
+        assert time.monotonic() < deadline, "the frontend did not notice p0 was lost"
+        time.sleep(0.1)
+    start = time.monotonic()
+    r = httpx.post(
+        f"{sun.url}/v1/completions",
+        json={"model": "math", "prompt": "Hi", "max_tokens": 4},
+        timeout=30,
+    )
+    assert r.status_code == 503
+    assert "no prefill instance of task 'math' is up" in r.json()["error"]["message"]
+    assert time.monotonic() - start < 2
+
+
+def test_conventional_equals_generate(exports, sun):
+    sun.stop()  # free the cores before the next cluster starts
+    with LocalCluster(
+        exports["root"],
+        policy="conventional",
+        prefill={"p0": ["math", "code"]},
+        decode={"d0": "math", "d1": "code"},
+        compile_cache=exports["cache"],
+        **SETTINGS,
+    ) as c:
+        got = mixed_requests(c.client(), exports["tok"])
+        differ = 0
+        for (model, prompt), tokens in got.items():
+            ids = exports["tok"].encode(prompt)
+            assert tokens == reference(exports, model, ids, 24, conventional=True), model
+            differ += tokens != reference(exports, model, ids, 24)
+        assert differ  # the decode tree matters: the SUN pairing continues differently
+        h = c.health()["instances"]
+        assert h["d0"]["most_models_in_a_step"] == h["d1"]["most_models_in_a_step"] == 1
