@@ -26,11 +26,12 @@ RECIPES = {
         batch_size=4,
         learning_rate={"arith": 3e-4, "code": 3e-4, "tool": 6e-4},
         n_train=2000,
+        scan_train=True,
     ),
     "tiny": dict(steps=150, batch_size=16, learning_rate=2e-3, n_train=2000),
 }
 WORKERS, SLOTS = 4, 4
-MAX_WORKERS = 8  # the conventional layout is grown up to this many workers to match SUN
+MAX_WORKERS = 12  # the conventional layout is grown up to this many workers to match SUN
 # SmolLM2's chat template adds this system turn when a chat has none (21 tokens per prompt)
 DEFAULT_SYSTEM = (
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"

@@ -7,6 +7,12 @@ batches form. For each alpha: decode steps, mean batch occupancy, decode tokens 
 step (tokens made by decode steps, i.e. without each request's first token, which prefill
 makes) and TPOT. Then: how many decode workers the conventional layout needs to match the
 shared pool's decode steps at alpha = 1.
+
+With every request arriving at once and its length fixed, the decode steps a policy takes
+depend only on the scheduling, never on the weights; so the worker search runs on a tiny
+random stand-in model with the same vocabulary (seconds instead of a compile and a run of the
+real model per worker count), after checking that the stand-in reproduces the real model's
+decode steps for both policies at the base worker count.
 """
 
 from __future__ import annotations
@@ -16,12 +22,15 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
 from serve.loop import Models, ServeConfig, build, serve_once
 from serve.scheduler import Request
 from serve.workload import Arrival, zipf_weights
+from sunjax.config import ModelConfig
+from sunjax.model import init_params
 
 KEYS = ("decode_steps", "mean_batch_occupancy", "tokens_per_step", "tpot_ms_p50", "output_tokens")
 
@@ -59,6 +68,28 @@ def workload(
     return out
 
 
+def stand_in(models: Models) -> Models:
+    """A tiny random model with the real one's vocabulary and positions, one tree for every
+    task (weights do not change decode-step counts of fixed-length requests)."""
+    real = models.cfg
+    cfg = ModelConfig(
+        vocab_size=real.vocab_size,
+        d_model=16,
+        n_layers=1,
+        n_heads=2,
+        n_kv_heads=1,
+        head_dim=8,
+        ffn_dim=32,
+        max_position_embeddings=real.max_position_embeddings,
+        tie_word_embeddings=True,
+    )
+    tree = init_params(cfg, jax.random.PRNGKey(0))
+    tasks = list(models.prefill)
+    return Models(
+        cfg=cfg, decode=tree, prefill=dict.fromkeys(tasks, tree), full=dict.fromkeys(tasks, tree)
+    )
+
+
 def _row(summary: dict) -> dict:
     decode_tokens = summary["output_tokens"] - summary["completed"]  # first tokens: prefill
     return {
@@ -76,11 +107,11 @@ def compare(
 ) -> dict:
     """``{"sun": {alpha: row}, "conventional": {alpha: row}, "workers_to_match": {...}}``."""
     lengths = [len(p) for ps in prompts.values() for p in ps]
-    runs = 2 * len(setup.alphas) + setup.max_conventional_workers - setup.workers
+    runs = 2 * len(setup.alphas) + 2 + setup.max_conventional_workers - setup.workers
     bar = tqdm(total=runs, desc="serving", disable=not progress)
     table: dict = {"setup": dataclasses.asdict(setup)}
 
-    def serve(policy: str, workers: int, alphas: Sequence[float]) -> dict:
+    def serve(policy: str, workers: int, alphas: Sequence[float], models=models) -> dict:
         config = ServeConfig(
             policy=policy,
             loader="export",
@@ -111,10 +142,20 @@ def compare(
     steps_by_workers = {setup.workers: table["conventional"].get(1.0, {}).get("decode_steps")}
     needed = None
     if target is not None:
+        small = stand_in(models)
+        check = {
+            p: serve(p, setup.workers, (1.0,), models=small)[1.0]["decode_steps"]
+            for p in ("sun", "conventional")
+        }
+        real = {p: table[p][1.0]["decode_steps"] for p in ("sun", "conventional")}
+        if check != real:
+            raise RuntimeError(f"the stand-in took {check} decode steps, the model {real}")
+        match["stand_in_decode_steps"] = check
         for w in range(setup.workers + 1, setup.max_conventional_workers + 1):
             if steps_by_workers[max(steps_by_workers)] <= target:
                 break
-            steps_by_workers[w] = serve("conventional", w, (1.0,))[1.0]["decode_steps"]
+            rows = serve("conventional", w, (1.0,), models=small)
+            steps_by_workers[w] = rows[1.0]["decode_steps"]
         fits = [w for w, s in steps_by_workers.items() if s <= target]
         needed = min(fits) if fits else None
     bar.close()

@@ -4,6 +4,8 @@ BPE tokenizer, cached), full / SUN / QSUN fine-tuning and the SUN-path evaluatio
 import json
 import os
 
+import chex
+import jax
 import pytest
 
 from train.data import encode
@@ -63,3 +65,17 @@ def test_report_task_subset_and_unknown_task(tmp_path):
         progress=False,
     )
     assert set(report["accuracy"]) == {"tool"}
+
+
+def test_scan_train_trains_the_same_modules(tmp_path):
+    """Training in the scanned layout (faster to compile) gives the unrolled layout's trees."""
+    kw = dict(steps=3, n_docs=64, cache_dir=str(tmp_path / "base"), progress=False)
+    base = tiny_base(**kw)
+    run = lambda scan: run_report(
+        out=str(tmp_path / f"r{scan}"), steps=2, n_train=8, n_test=2, seed=0, base=base,
+        tasks=("arith",), columns=("full", "sun"), scan_train=scan, progress=False,
+    )["_trained"]["arith"]  # fmt: skip
+    plain, scanned = run(False), run(True)
+    for mode in ("full", "sun"):
+        assert jax.tree.structure(plain[mode]) == jax.tree.structure(scanned[mode])
+        chex.assert_trees_all_close(plain[mode], scanned[mode], atol=2e-5, rtol=1e-4)
