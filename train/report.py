@@ -30,13 +30,13 @@ import os
 import time
 
 import jax.numpy as jnp
-from tqdm import tqdm
+import numpy as np
 
 from sunjax.quant import QUANT_DEFAULTS, bytes_report, normalize_quant, perplexity, read_text
-from sunjax.sun import SunParams
+from train import stats
 from train.base import load_base, quantize_base
 from train.data import encode
-from train.evaluate import evaluate
+from train.evaluate import evaluate, token_metrics
 from train.pretrain import tiny_base
 from train.tasks import TASKS, get_task
 from train.trainer import TrainConfig, train
@@ -63,6 +63,10 @@ def _needs(columns) -> set[str]:
     return need
 
 
+# The columns each trained module is evaluated in (with the decode module each pairs with).
+_EVALUATED_IN = {"full": ("full", "naive"), "sun": ("sun", "sun+q"), "qsun": ("qsun",)}
+
+
 def run_report(
     *,
     out: str,
@@ -79,6 +83,7 @@ def run_report(
     learning_rate: float = 2e-3,
     difficulty: str = "tiny",
     tasks: tuple[str, ...] | None = None,
+    eval_at: tuple[int, ...] = (),
     progress: bool = True,
 ) -> dict:
     """Train what the columns need on each task and evaluate every column on the same test set.
@@ -86,20 +91,35 @@ def run_report(
     ``columns`` defaults to ``COLUMNS`` (+ ``QSUN_COLUMNS`` with ``qsun``); only the modules the
     columns need are trained. ``quant`` overlays ``QUANT_DEFAULTS`` for the quantized decode
     module. ``seed`` fixes data, test set and calibration; ``train_seed`` (default ``seed``)
-    the batch order of training."""
+    the batch order of training.
+
+    Every trained column is evaluated after each step in ``eval_at`` and after the last step,
+    during the one training run (a learning curve, not a run per step count):
+    ``accuracy_curve[task][column][step]`` (the base column at step 0), ``correct_curve`` the
+    per-example results behind it, and ``token_curve`` the teacher-forced first-token /
+    later-token NLL and accuracy on the test targets (``train.evaluate.token_metrics``).
+    ``accuracy[task][column]`` and ``correct`` are the last step's. ``history[task][module]``
+    is the training loss per step (with ``first_nll``, ``rest_nll``, ``first_acc``,
+    ``rest_acc``)."""
     for t in tasks or ():
         get_task(t)  # ValueError naming an unknown one
     columns = tuple(columns or COLUMNS + (QSUN_COLUMNS if qsun else ()))
     bad = [c for c in columns if c not in TITLES]
     if bad:
         raise ValueError(f"unknown report columns {bad}; choose from {list(TITLES)}")
+    bad = [s for s in eval_at if not 1 <= s <= steps]
+    if bad:
+        raise ValueError(f"eval_at steps {bad} are outside 1..{steps=}")
+    curve_steps = tuple(sorted({*eval_at, steps}))
     quant = normalize_quant({**QUANT_DEFAULTS, **(quant or {})})
     train_seed = seed if train_seed is None else train_seed
     cfg, base_params, tok = base or tiny_base(progress=progress)
     quantized = {"sun+q", "qsun"} & set(columns)
     qdec = quantize_base(cfg, base_params, tok, quant, seed=seed) if quantized else None
     need = _needs(columns)
-    rows = {}
+    results: dict[str, dict] = {}  # task -> column -> step -> evaluate() + token_metrics()
+    histories: dict[str, dict] = {}
+    seconds: dict[str, float] = {}
     trained = {}
     for name, task in TASKS.items():
         if tasks and name not in tasks:
@@ -118,34 +138,52 @@ def run_report(
             learning_rate=learning_rate,
             warmup_steps=steps // 10,
             seed=train_seed,
+            eval_at=curve_steps,
         )
         t0 = time.perf_counter()
+        res = results[name] = {c: {} for c in columns}
 
-        def fit(mode: str, decode, desc: str, tc=tc, enc=enc, name=name):
-            tc = dataclasses.replace(tc, mode=mode)
-            return train(
-                cfg, tc, base_params, enc.batch, len(enc.pairs), decode_params=decode,
+        def score(col: str, step: int, prefill, decode, test=test, enc=enc, res=res) -> float:
+            r = evaluate(cfg, prefill, decode, tok, test, max_new_tokens=enc.response_len)
+            r.update(token_metrics(cfg, prefill, decode, tok, test))
+            res[col][step] = r
+            return r["accuracy"]
+
+        def fit(module: str, decode, desc: str, tc=tc, enc=enc, name=name):
+            cols = [c for c in _EVALUATED_IN[module] if c in columns]
+            pairs = {"full": None, "naive": base_params, "sun": base_params, "sun+q": qdec,
+                     "qsun": qdec}  # fmt: skip
+
+            def eval_fn(params, step: int) -> dict:
+                return {
+                    c: score(c, step, params, params if pairs[c] is None else pairs[c])
+                    for c in cols
+                }
+
+            params, history = train(
+                cfg, dataclasses.replace(tc, mode="full" if module == "full" else "sun"),
+                base_params, enc.batch, len(enc.pairs), decode_params=decode, eval_fn=eval_fn,
                 desc=f"{name}: {desc}", progress=progress,
-            )[0]  # fmt: skip
+            )  # fmt: skip
+            keep = ("loss", "first_nll", "rest_nll", "first_acc", "rest_acc")
+            histories.setdefault(name, {})[module] = [
+                {"step": h["step"], **{k: h[k] for k in keep}} for h in history
+            ]
+            return params
 
+        if "base" in columns:
+            score("base", 0, base_params, base_params)
         full = fit("full", None, "full FT") if "full" in need else None
         sun = fit("sun", base_params, "SUN") if "sun" in need else None
-        qs = fit("sun", qdec, "QSUN") if "qsun" in need else None
-        pairs = {
-            "base": SunParams(base_params, base_params),
-            "full": SunParams(full, full),
-            "naive": SunParams(full, base_params),
-            "sun": SunParams(sun, base_params),
-            "sun+q": SunParams(sun, qdec),
-            "qsun": SunParams(qs, qdec),
-        }
-        evals = tqdm(columns, desc=f"{name}: evaluate", disable=not progress, mininterval=1)
-        rows[name] = {
-            col: evaluate(cfg, *pairs[col], tok, test, max_new_tokens=enc.response_len)
-            for col in evals
-        }
-        rows[name]["seconds"] = time.perf_counter() - t0
+        qs = fit("qsun", qdec, "QSUN") if "qsun" in need else None
+        seconds[name] = time.perf_counter() - t0
         trained[name] = {k: v for k, v in (("sun", sun), ("full", full), ("qsun", qs)) if v}
+
+    def last(task: str, col: str) -> dict:  # the result after the last step
+        by_step = results[task][col]
+        return by_step[max(by_step)]
+
+    token_keys = ("first_token", "first_nll", "rest_nll", "first_acc", "rest_acc")
     report = {
         "model": cfg.to_dict(),
         "steps": steps,
@@ -153,18 +191,40 @@ def run_report(
         "n_test": n_test,
         "seed": seed,
         "train_seed": train_seed,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
         "difficulty": difficulty,
         "decode_quant": quant if quantized else None,
         "columns": list(columns),
-        "accuracy": {t: {c: rows[t][c]["accuracy"] for c in columns} for t in rows},
-        "samples": {t: {c: rows[t][c]["samples"] for c in columns} for t in rows},
-        "seconds": {t: rows[t]["seconds"] for t in rows},
+        "eval_at": list(curve_steps),
+        "accuracy": {t: {c: last(t, c)["accuracy"] for c in columns} for t in results},
+        "correct": {t: {c: last(t, c)["correct"] for c in columns} for t in results},
+        "samples": {t: {c: last(t, c)["samples"] for c in columns} for t in results},
+        "accuracy_curve": {
+            t: {c: {s: r["accuracy"] for s, r in cs.items()} for c, cs in results[t].items()}
+            for t in results
+        },
+        "correct_curve": {
+            t: {c: {s: r["correct"] for s, r in cs.items()} for c, cs in results[t].items()}
+            for t in results
+        },
+        "token_curve": {
+            t: {
+                c: {s: {k: r[k] for k in token_keys} for s, r in cs.items()}
+                for c, cs in results[t].items()
+            }
+            for t in results
+        },
+        "history": histories,
+        "seconds": seconds,
     }
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
+        json.dump(report, f, indent=1)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(markdown(report))
+    if len(curve_steps) > 1:
+        plot_curves(report, os.path.join(out, "curve.png"))
     report["_trained"] = trained
     report["_base"] = (cfg, base_params, tok)
     return report
@@ -219,18 +279,110 @@ def quant_sweep(
     return result
 
 
+# Differences reported with a paired interval: (column, minus column).
+DIFFS = (("sun", "full"), ("naive", "full"), ("qsun", "sun"), ("sun+q", "sun"))
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
 def markdown(report: dict) -> str:
+    """The report as markdown: accuracy with 95% Wilson intervals, paired differences, the
+    learning curve and the first-token / later-token diagnostics."""
+    cols = report["columns"]
     lines = [
         f"Accuracy (%, greedy, {report['n_test']} test examples per task; {report['steps']} "
-        f"steps of fine-tuning, seed {report['seed']})",
+        f"steps of fine-tuning, seed {report['seed']}, difficulty "
+        f"{report.get('difficulty', 'tiny')}); [95% Wilson interval]",
         "",
-        "| task | " + " | ".join(TITLES[c] for c in report["columns"]) + " |",
-        "|---" * (len(report["columns"]) + 1) + "|",
+        "| task | " + " | ".join(TITLES[c] for c in cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
     ]
+    correct = report.get("correct")
     for task, acc in report["accuracy"].items():
-        cells = " | ".join(f"{100 * acc[c]:.1f}" for c in report["columns"])
-        lines.append(f"| {task} | {cells} |")
+        cells = []
+        for c in cols:
+            text = _pct(acc[c])
+            if correct:
+                st = stats.cell(correct[task][c])
+                text += f" [{_pct(st['low'])}, {_pct(st['high'])}]"
+            cells.append(text)
+        lines.append(f"| {task} | {' | '.join(cells)} |")
+    if not correct:
+        return "\n".join(lines) + "\n"
+    diffs = [(a, b) for a, b in DIFFS if a in cols and b in cols]
+    if diffs:
+        lines += ["", "Paired differences (points, same test examples; 95% paired bootstrap)", ""]
+        lines += ["| task | " + " | ".join(f"{a} − {b}" for a, b in diffs) + " |"]
+        lines += ["|---" * (len(diffs) + 1) + "|"]
+        for task in report["accuracy"]:
+            cells = []
+            for a, b in diffs:
+                d = stats.paired_difference(correct[task][a], correct[task][b])
+                cells.append(f"{_pct(d['diff'])} [{_pct(d['low'])}, {_pct(d['high'])}]")
+            lines.append(f"| {task} | {' | '.join(cells)} |")
+    curve = report.get("accuracy_curve", {})
+    steps = report.get("eval_at", [])
+    if len(steps) > 1:
+        lines += ["", "Learning curve (accuracy %, one run evaluated after each step count)", ""]
+        lines += ["| task | column | " + " | ".join(str(s) for s in steps) + " |"]
+        lines += ["|---" * (len(steps) + 2) + "|"]
+        for task, by_col in curve.items():
+            for c, by_step in by_col.items():
+                by_step = {int(k): v for k, v in by_step.items()}
+                cells = [_pct(by_step[s]) if s in by_step else "" for s in steps]
+                lines.append(f"| {task} | {c} | {' | '.join(cells)} |")
+    tokens = report.get("token_curve", {})
+    if tokens:
+        lines += [
+            "",
+            "Where the errors are (last step, test targets): greedy first token = the first "
+            "generated token is the target's; teacher-forced argmax accuracy and NLL of the "
+            "first response token (prefill module) and the later ones (decode module)",
+            "",
+            "| task | column | greedy first token % | first acc % | later acc % | first NLL "
+            "| later NLL |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for task, by_col in tokens.items():
+            for c, by_step in by_col.items():
+                m = by_step[max(by_step, key=int)]
+                lines.append(
+                    f"| {task} | {c} | {_pct(m['first_token'])} | {_pct(m['first_acc'])} | "
+                    f"{_pct(m['rest_acc'])} | {m['first_nll']:.3f} | {m['rest_nll']:.3f} |"
+                )
     return "\n".join(lines) + "\n"
+
+
+def plot_curves(report: dict, path: str) -> None:
+    """Accuracy against training steps, one panel per task, one line per column (the base
+    column as a horizontal line), with 95% Wilson intervals as bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = report["accuracy_curve"]
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.8), squeeze=False)
+    for ax, (task, by_col) in zip(axes[0], curves.items(), strict=True):
+        for c, by_step in by_col.items():
+            steps = sorted(int(s) for s in by_step)
+            got = {int(s): v for s, v in report["correct_curve"][task][c].items()}
+            acc = [100 * np.mean(got[s]) for s in steps]
+            band = np.array([stats.cell(got[s])[k] for s in steps for k in ("low", "high")])
+            band = 100 * band.reshape(-1, 2)
+            if steps == [0]:
+                ax.axhline(acc[0], color="grey", ls="--", label=TITLES[c])
+                continue
+            (line,) = ax.plot(steps, acc, marker="o", label=TITLES[c])
+            ax.fill_between(steps, band[:, 0], band[:, 1], color=line.get_color(), alpha=0.15)
+        ax.set(title=f"{task} ({report['difficulty']}, n={report['n_test']})",
+               xlabel="training steps", ylabel="accuracy %", ylim=(0, 100))  # fmt: skip
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--columns", nargs="+", help=f"a subset of {list(TITLES)} (trains only those)")
     p.add_argument("--quant", type=json.loads, default=None, help="JSON overlay of QUANT_DEFAULTS")
     p.add_argument("--train-seed", type=int, default=None, help="batch order (default --seed)")
+    p.add_argument(
+        "--eval-at", type=int, nargs="+", default=(), help="also evaluate after these steps"
+    )
     p.add_argument(
         "--sweep", type=json.loads, default=None, help="{name: quant overlay}: SUN with each"
     )
@@ -279,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         learning_rate=args.lr,
         difficulty=args.difficulty,
         tasks=tuple(args.tasks) if args.tasks else None,
+        eval_at=tuple(args.eval_at),
     )
     print(markdown(report))
     print(f"wrote {args.out}/report.json and report.md")

@@ -63,3 +63,53 @@ def test_report_task_subset_and_unknown_task(tmp_path):
         progress=False,
     )
     assert set(report["accuracy"]) == {"tool"}
+
+
+def test_learning_curve_from_one_run(tmp_path):
+    """Checkpoints of one run are evaluated: each point is the mean of its per-example results,
+    the last point is the report's accuracy and equals the returned module evaluated again."""
+    kw = dict(steps=3, n_docs=64, cache_dir=str(tmp_path / "base"), progress=False)
+    base = tiny_base(**kw)
+    with pytest.raises(ValueError, match=r"\[5\]"):
+        run_report(out=str(tmp_path), steps=3, n_train=8, n_test=2, seed=0, base=base,
+                   tasks=("arith",), eval_at=(5,), progress=False)  # fmt: skip
+    report = run_report(
+        out=str(tmp_path / "r"),
+        steps=3,
+        n_train=16,
+        n_test=4,
+        seed=0,
+        base=base,
+        tasks=("arith",),
+        eval_at=(1, 2),
+        batch_size=4,
+        progress=False,
+    )
+    saved = json.load(open(tmp_path / "r" / "report.json"))
+    curve = saved["accuracy_curve"]["arith"]
+    assert set(curve) == set(COLUMNS) and list(curve["base"]) == ["0"]
+    for col in ("full", "naive", "sun"):
+        assert list(curve[col]) == ["1", "2", "3"]
+        assert curve[col]["3"] == saved["accuracy"]["arith"][col]
+        for step, acc in curve[col].items():
+            got = saved["correct_curve"]["arith"][col][step]
+            assert len(got) == 4 and acc == sum(got) / 4
+    assert saved["correct"]["arith"]["sun"] == saved["correct_curve"]["arith"]["sun"]["3"]
+    # the last point is the returned SUN module evaluated again, from scratch
+    cfg, params, tok = base
+    test = get_task("arith").generate(4, split="test", seed=0)
+    length = encode(
+        tok, get_task("arith").generate(16, split="train", seed=0), prompt_len=None,
+        response_len=None,
+    ).response_len  # fmt: skip
+    sun = report["_trained"]["arith"]["sun"]
+    again = evaluate(cfg, sun, params, tok, test, max_new_tokens=length)
+    assert again["correct"] == saved["correct"]["arith"]["sun"]
+    tokens = saved["token_curve"]["arith"]["sun"]["3"]
+    assert again["first_token"] == tokens["first_token"]
+    assert set(tokens) == {"first_token", "first_nll", "rest_nll", "first_acc", "rest_acc"}
+    history = saved["history"]["arith"]
+    assert [h["step"] for h in history["sun"]] == [1, 2, 3] and set(history) == {"full", "sun"}
+    assert os.path.getsize(tmp_path / "r" / "curve.png") > 1000
+    md = open(tmp_path / "r" / "report.md").read()
+    assert "sun − full" in md and "Learning curve" in md
