@@ -51,7 +51,9 @@ def evaluate(
         )
         completions += [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
         for ex, t in zip(examples[i : i + batch_size], out.tokens, strict=True):
-            first_ok.append(t[0] == tokenizer.encode(ex.target, add_special_tokens=False)[0])
+            first_ok.append(
+                bool(t) and t[0] == tokenizer.encode(ex.target, add_special_tokens=False)[0]
+            )
     correct = np.array([check(ex, c) for ex, c in zip(examples, completions, strict=True)])
     return {
         "accuracy": float(correct.mean()),

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sunjax.quant import QUANT_DEFAULTS, bytes_report, normalize_quant, perplexity, read_text
+from sunjax.sun import SunParams
 from train import stats
 from train.base import load_base, quantize_base
 from train.data import encode
@@ -63,8 +64,19 @@ def _needs(columns) -> set[str]:
     return need
 
 
-# The columns each trained module is evaluated in (with the decode module each pairs with).
-_EVALUATED_IN = {"full": ("full", "naive"), "sun": ("sun", "sun+q"), "qsun": ("qsun",)}
+# The trained module each column's prefill side is ("base": none).
+MODULE_OF = {"base": None, "full": "full", "naive": "full", "sun": "sun", "sun+q": "sun",
+             "qsun": "qsun"}  # fmt: skip
+
+
+def pairing(column: str, module, base_params, quantized_decode) -> SunParams:
+    """The (prefill, decode) trees of a report column, given the column's trained module (see
+    ``MODULE_OF``), the base tree and the quantized decode tree."""
+    if column not in TITLES:
+        raise ValueError(f"unknown report column {column!r}; choose from {list(TITLES)}")
+    decode = {"base": base_params, "full": module, "naive": base_params, "sun": base_params,
+              "sun+q": quantized_decode, "qsun": quantized_decode}[column]  # fmt: skip
+    return SunParams(base_params if column == "base" else module, decode)
 
 
 def run_report(
@@ -150,15 +162,10 @@ def run_report(
             return r["accuracy"]
 
         def fit(module: str, decode, desc: str, tc=tc, enc=enc, name=name):
-            cols = [c for c in _EVALUATED_IN[module] if c in columns]
-            pairs = {"full": None, "naive": base_params, "sun": base_params, "sun+q": qdec,
-                     "qsun": qdec}  # fmt: skip
+            cols = [c for c in columns if MODULE_OF[c] == module]
 
             def eval_fn(params, step: int) -> dict:
-                return {
-                    c: score(c, step, params, params if pairs[c] is None else pairs[c])
-                    for c in cols
-                }
+                return {c: score(c, step, *pairing(c, params, base_params, qdec)) for c in cols}
 
             params, history = train(
                 cfg, dataclasses.replace(tc, mode="full" if module == "full" else "sun"),
@@ -227,6 +234,7 @@ def run_report(
         plot_curves(report, os.path.join(out, "curve.png"))
     report["_trained"] = trained
     report["_base"] = (cfg, base_params, tok)
+    report["_quantized_decode"] = qdec
     return report
 
 
@@ -405,6 +413,12 @@ def main(argv: list[str] | None = None) -> int:
         "--eval-at", type=int, nargs="+", default=(), help="also evaluate after these steps"
     )
     p.add_argument(
+        "--benchmarks",
+        action="store_true",
+        help="also evaluate the tool modules on BFCL simple-python, the code ones on HumanEval",
+    )
+    p.add_argument("--bench-limit", type=int, default=None, help="first N benchmark examples")
+    p.add_argument(
         "--sweep", type=json.loads, default=None, help="{name: quant overlay}: SUN with each"
     )
     args = p.parse_args(argv)
@@ -438,6 +452,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(markdown(report))
     print(f"wrote {args.out}/report.json and report.md")
+    if args.benchmarks:
+        from train.benchmark_report import benchmark_report
+        from train.benchmark_report import markdown as bench_markdown
+
+        bench = benchmark_report(out=args.out, report=report, limit=args.bench_limit)
+        print(bench_markdown(bench))
+        print(f"wrote {args.out}/benchmarks.json and benchmarks.md")
     return 0
 
 
