@@ -363,6 +363,73 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summarize(reports: list[dict]) -> dict:
+    """Aggregate reports that differ only in ``train_seed`` (same data, test set, columns):
+    per cell the mean over seeds with a Student-t interval over the seeds and a bootstrap
+    interval over the test examples (``stats.over_seeds``); per difference in ``DIFFS`` the
+    mean over seeds with the same two intervals (the example bootstrap is paired: the per-example
+    mean over seeds of one column minus the other's); the mean learning curve."""
+    if not reports:
+        raise ValueError("summarize needs at least one report")
+    keys = ("columns", "n_test", "seed", "steps", "difficulty", "eval_at")
+    first = reports[0]
+    for r in reports[1:]:
+        bad = {k: (first.get(k), r.get(k)) for k in keys if r.get(k) != first.get(k)}
+        if bad or set(r["accuracy"]) != set(first["accuracy"]):
+            raise ValueError(f"reports differ beyond train_seed: {bad or 'tasks'}")
+    cols = first["columns"]
+    out = {k: first.get(k) for k in keys}
+    out["train_seeds"] = [r["train_seed"] for r in reports]
+    out["cells"], out["diffs"], out["curve"] = {}, {}, {}
+    for task in first["accuracy"]:
+        per = {c: np.array([r["correct"][task][c] for r in reports], float) for c in cols}
+        out["cells"][task] = {c: stats.over_seeds(per[c]) for c in cols}
+        out["diffs"][task] = {}
+        for a, b in DIFFS:
+            if a in cols and b in cols:
+                d = per[a].mean(axis=1) - per[b].mean(axis=1)
+                low, high = stats.seed_interval(d)
+                paired = stats.paired_difference(per[a].mean(axis=0), per[b].mean(axis=0))
+                out["diffs"][task][f"{a} - {b}"] = {
+                    "diff": float(d.mean()), "per_seed": d.tolist(), "seed_low": low,
+                    "seed_high": high, "low": paired["low"], "high": paired["high"],
+                }  # fmt: skip
+        out["curve"][task] = {
+            c: {
+                s: float(np.mean([r["accuracy_curve"][task][c][s] for r in reports]))
+                for s in first["accuracy_curve"][task][c]
+            }
+            for c in cols
+        }
+    return out
+
+
+def summary_markdown(summary: dict) -> str:
+    seeds = summary["train_seeds"]
+    lines = [
+        f"Mean accuracy % over {len(seeds)} training seeds {seeds} ({summary['n_test']} test "
+        f"examples, {summary['steps']} steps, difficulty {summary['difficulty']}); [95% interval "
+        "over test examples] {95% t-interval over seeds}",
+        "",
+        "| task | " + " | ".join(TITLES[c] for c in summary["columns"]) + " |",
+        "|---" * (len(summary["columns"]) + 1) + "|",
+    ]
+
+    def fmt(x: dict, key: str) -> str:
+        return (f"{_pct(x[key])} [{_pct(x['low'])}, {_pct(x['high'])}] "
+                f"{{{_pct(x['seed_low'])}, {_pct(x['seed_high'])}}}")  # fmt: skip
+
+    for task, cells in summary["cells"].items():
+        lines.append(f"| {task} | " + " | ".join(fmt(cells[c], "accuracy") for c in cells) + " |")
+    names = sorted({n for d in summary["diffs"].values() for n in d})
+    if names:
+        lines += ["", "Differences (points, mean over seeds; [paired bootstrap] {t over seeds})"]
+        lines += ["", "| task | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for task, d in summary["diffs"].items():
+            lines.append(f"| {task} | " + " | ".join(fmt(d[n], "diff") for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_curves(report: dict, path: str) -> None:
     """Accuracy against training steps, one panel per task, one line per column (the base
     column as a horizontal line), with 95% Wilson intervals as bands."""
@@ -410,6 +477,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quant", type=json.loads, default=None, help="JSON overlay of QUANT_DEFAULTS")
     p.add_argument("--train-seed", type=int, default=None, help="batch order (default --seed)")
     p.add_argument(
+        "--train-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="one report per batch order in OUT/seed_<s>, and OUT/summary.{json,md} over them",
+    )
+    p.add_argument(
         "--eval-at", type=int, nargs="+", default=(), help="also evaluate after these steps"
     )
     p.add_argument(
@@ -433,32 +507,45 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         print(f"wrote {args.out}/sweep.json")
         return 0
-    report = run_report(
-        out=args.out,
-        steps=args.steps,
-        n_train=args.n_train,
-        n_test=args.n_test,
-        seed=args.seed,
-        qsun=args.qsun,
-        columns=tuple(args.columns) if args.columns else None,
-        quant=args.quant,
-        train_seed=args.train_seed,
-        base=base,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        difficulty=args.difficulty,
-        tasks=tuple(args.tasks) if args.tasks else None,
-        eval_at=tuple(args.eval_at),
-    )
-    print(markdown(report))
-    print(f"wrote {args.out}/report.json and report.md")
-    if args.benchmarks:
-        from train.benchmark_report import benchmark_report
-        from train.benchmark_report import markdown as bench_markdown
+    seeds = args.train_seeds or [args.train_seed]
+    reports = []
+    for train_seed in seeds:
+        out = args.out if args.train_seeds is None else os.path.join(args.out, f"seed_{train_seed}")
+        report = run_report(
+            out=out,
+            steps=args.steps,
+            n_train=args.n_train,
+            n_test=args.n_test,
+            seed=args.seed,
+            qsun=args.qsun,
+            columns=tuple(args.columns) if args.columns else None,
+            quant=args.quant,
+            train_seed=train_seed,
+            base=base,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            difficulty=args.difficulty,
+            tasks=tuple(args.tasks) if args.tasks else None,
+            eval_at=tuple(args.eval_at),
+        )
+        base = report["_base"]
+        print(markdown(report))
+        print(f"wrote {out}/report.json and report.md")
+        if args.benchmarks:
+            from train.benchmark_report import benchmark_report
+            from train.benchmark_report import markdown as bench_markdown
 
-        bench = benchmark_report(out=args.out, report=report, limit=args.bench_limit)
-        print(bench_markdown(bench))
-        print(f"wrote {args.out}/benchmarks.json and benchmarks.md")
+            bench = benchmark_report(out=out, report=report, limit=args.bench_limit)
+            print(bench_markdown(bench))
+            print(f"wrote {out}/benchmarks.json and benchmarks.md")
+        reports.append({k: v for k, v in report.items() if not k.startswith("_")})
+    if args.train_seeds is not None:
+        summary = summarize(reports)
+        with open(os.path.join(args.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        with open(os.path.join(args.out, "summary.md"), "w") as f:
+            f.write(summary_markdown(summary))
+        print(summary_markdown(summary))
     return 0
 
 

@@ -113,3 +113,37 @@ def test_learning_curve_from_one_run(tmp_path):
     assert os.path.getsize(tmp_path / "r" / "curve.png") > 1000
     md = open(tmp_path / "r" / "report.md").read()
     assert "sun − full" in md and "Learning curve" in md
+
+
+def _fake_report(train_seed, sun, full):
+    return {
+        "columns": ["full", "sun"], "n_test": len(sun), "seed": 0, "steps": 4,
+        "difficulty": "small", "eval_at": [2, 4], "train_seed": train_seed,
+        "accuracy": {"arith": {"full": sum(full) / len(full), "sun": sum(sun) / len(sun)}},
+        "correct": {"arith": {"full": full, "sun": sun}},
+        "accuracy_curve": {"arith": {"full": {"2": 0.0, "4": sum(full) / len(full)},
+                                     "sun": {"2": 0.5, "4": sum(sun) / len(sun)}}},
+    }  # fmt: skip
+
+
+def test_summarize_over_seeds():
+    from train import stats
+    from train.report import summarize, summary_markdown
+
+    reports = [
+        _fake_report(0, sun=[1, 1, 0, 0], full=[1, 0, 0, 0]),
+        _fake_report(1, sun=[1, 0, 0, 0], full=[1, 1, 1, 0]),
+        _fake_report(2, sun=[1, 1, 1, 0], full=[1, 1, 0, 0]),
+    ]
+    got = summarize(reports)
+    assert got["train_seeds"] == [0, 1, 2]
+    assert got["cells"]["arith"]["sun"]["accuracy"] == pytest.approx(0.5)
+    d = got["diffs"]["arith"]["sun - full"]
+    assert d["per_seed"] == pytest.approx([0.25, -0.5, 0.25]) and d["diff"] == pytest.approx(0)
+    assert (d["seed_low"], d["seed_high"]) == pytest.approx(stats.seed_interval([0.25, -0.5, 0.25]))
+    assert got["curve"]["arith"]["sun"] == {"2": 0.5, "4": 0.5}
+    assert "sun - full" in summary_markdown(got)
+    other = _fake_report(3, sun=[1, 0, 0, 0], full=[1, 0, 0, 0])
+    other["difficulty"] = "tiny"
+    with pytest.raises(ValueError, match="difficulty"):
+        summarize([reports[0], other])
