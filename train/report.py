@@ -79,6 +79,19 @@ def pairing(column: str, module, base_params, quantized_decode) -> SunParams:
     return SunParams(base_params if column == "base" else module, decode)
 
 
+def _save_progress(out: str, results: dict) -> None:
+    """The points evaluated so far (``DIR/progress.json``), so an interrupted run on a slow
+    machine still leaves its curve behind."""
+    os.makedirs(out, exist_ok=True)
+    keep = ("accuracy", "first_token", "first_acc", "rest_acc", "first_nll", "rest_nll")
+    done = {
+        t: {c: {s: {k: r[k] for k in keep} for s, r in cs.items()} for c, cs in by.items()}
+        for t, by in results.items()
+    }
+    with open(os.path.join(out, "progress.json"), "w") as f:
+        json.dump(done, f, indent=1)
+
+
 def run_report(
     *,
     out: str,
@@ -159,6 +172,7 @@ def run_report(
             r = evaluate(cfg, prefill, decode, tok, test, max_new_tokens=enc.response_len)
             r.update(token_metrics(cfg, prefill, decode, tok, test))
             res[col][step] = r
+            _save_progress(out, results)
             return r["accuracy"]
 
         def fit(module: str, decode, desc: str, tc=tc, enc=enc, name=name):
