@@ -27,6 +27,7 @@ RECIPES = {
         learning_rate={"arith": 3e-4, "code": 3e-4, "tool": 6e-4},
         n_train=2000,
         scan_train=True,
+        token_stats=False,
     ),
     "tiny": dict(steps=150, batch_size=16, learning_rate=2e-3, n_train=2000),
 }

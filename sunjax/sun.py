@@ -51,10 +51,11 @@ class Batch:
     response_len: Int[Array, " B"]
 
 
-def sun_token_nll(
+def sun_logits(
     cfg: ModelConfig, prefill_params, decode_params, batch: Batch
-) -> tuple[Float[Array, "B R"], Float[Array, "B R"]]:
-    """Per-token negative log-likelihood of each response, and its validity mask."""
+) -> Float[Array, "B R V"]:
+    """Teacher-forced scores of every response token: ``[:, 0]`` (y_1) from the prefill tree's
+    last prompt position, ``[:, j]`` (y_{j+1}) from the decode tree over the prefill tree's KV."""
     B, P = batch.prompt.shape
     R = batch.response.shape[1]
     cache = cfg.init_cache(B, P + R)
@@ -65,19 +66,46 @@ def sun_token_nll(
             cfg, decode_params, batch.response[:, :-1], cache, jnp.full((B,), R - 1)
         )  # [B, R-1, V] scores y_2..y_R
         logits = jnp.concatenate([logits, rest], axis=1)
+    return logits
+
+
+def _token_nll(logits: Float[Array, "B R V"], batch: Batch):
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, batch.response[..., None], axis=-1)[..., 0]
+    R = batch.response.shape[1]
     mask = (jnp.arange(R)[None, :] < batch.response_len[:, None]).astype(jnp.float32)
     return nll * mask, mask
 
 
+def sun_token_nll(
+    cfg: ModelConfig, prefill_params, decode_params, batch: Batch
+) -> tuple[Float[Array, "B R"], Float[Array, "B R"]]:
+    """Per-token negative log-likelihood of each response, and its validity mask."""
+    return _token_nll(sun_logits(cfg, prefill_params, decode_params, batch), batch)
+
+
 def sun_loss(cfg: ModelConfig, prefill_params, decode_params, batch: Batch):
-    """Mean response-token NLL and metrics: ``(loss, {"loss", "first_nll", "tokens"})``."""
-    nll, mask = sun_token_nll(cfg, prefill_params, decode_params, batch)
+    """Mean response-token NLL and metrics: ``(loss, metrics)``.
+
+    Metrics: ``loss``; ``first_nll`` / ``rest_nll``, the mean NLL of the first response token
+    (scored by the prefill tree) and of the later ones (scored by the decode tree);
+    ``first_acc`` / ``rest_acc``, the fraction of those tokens that are the argmax
+    (teacher-forced); ``tokens``, the number of response tokens."""
+    logits = sun_logits(cfg, prefill_params, decode_params, batch)
+    nll, mask = _token_nll(logits, batch)
+    hit = (jnp.argmax(logits, axis=-1) == batch.response).astype(jnp.float32) * mask
     tokens = jnp.maximum(mask.sum(), 1.0)
+    n_first = jnp.maximum(mask[:, 0].sum(), 1.0)
+    n_rest = jnp.maximum(mask[:, 1:].sum(), 1.0)
     loss = nll.sum() / tokens
-    first = nll[:, 0].sum() / jnp.maximum(mask[:, 0].sum(), 1.0)
-    return loss, {"loss": loss, "first_nll": first, "tokens": mask.sum()}
+    return loss, {
+        "loss": loss,
+        "first_nll": nll[:, 0].sum() / n_first,
+        "rest_nll": nll[:, 1:].sum() / n_rest,
+        "first_acc": hit[:, 0].sum() / n_first,
+        "rest_acc": hit[:, 1:].sum() / n_rest,
+        "tokens": mask.sum(),
+    }
 
 
 def make_batch(

@@ -88,7 +88,7 @@ def run(rc: RunConfig, *, progress: bool = True) -> dict:
     )
     val_batch = val.batch(np.arange(len(val.pairs)))
 
-    def eval_fn(params) -> dict:  # every train.eval_every steps: loss on the validation split
+    def eval_fn(params, step: int) -> dict:  # every eval_every steps: loss on the val split
         metrics = eval_step(cfg, rc.train, params, decode, val_batch)
         return {k: float(v) for k, v in metrics.items()}
 
@@ -173,7 +173,6 @@ def main(argv: list[str] | None = None) -> int:
     meta = run(overlay(RunConfig, data))
     print(json.dumps({k: meta[k] for k in ("task", "mode", "accuracy", "final_loss")}))
     return 0
-
 
 
 def export_main(argv: list[str] | None = None) -> int:

@@ -29,16 +29,18 @@ import json
 import os
 import time
 from collections.abc import Mapping
+from functools import partial
 
 import jax.numpy as jnp
-from tqdm import tqdm
+import numpy as np
 
 from sunjax.params import stack_layers, unstack_layers
 from sunjax.quant import QUANT_DEFAULTS, bytes_report, normalize_quant, perplexity, read_text
 from sunjax.sun import SunParams
+from train import stats
 from train.base import load_base, quantize_base
 from train.data import encode
-from train.evaluate import evaluate
+from train.evaluate import evaluate, token_metrics
 from train.pretrain import tiny_base
 from train.tasks import TASKS, get_task
 from train.trainer import TrainConfig, train
@@ -73,6 +75,34 @@ def _needs(columns) -> set[str]:
     return need
 
 
+# The trained module each column's prefill side is ("base": none).
+MODULE_OF = {"base": None, "full": "full", "naive": "full", "sun": "sun", "sun+q": "sun",
+             "qsun": "qsun"}  # fmt: skip
+
+
+def pairing(column: str, module, base_params, quantized_decode) -> SunParams:
+    """The (prefill, decode) trees of a report column, given the column's trained module (see
+    ``MODULE_OF``), the base tree and the quantized decode tree."""
+    if column not in TITLES:
+        raise ValueError(f"unknown report column {column!r}; choose from {list(TITLES)}")
+    decode = {"base": base_params, "full": module, "naive": base_params, "sun": base_params,
+              "sun+q": quantized_decode, "qsun": quantized_decode}[column]  # fmt: skip
+    return SunParams(base_params if column == "base" else module, decode)
+
+
+def _save_progress(out: str, results: dict) -> None:
+    """The points evaluated so far (``DIR/progress.json``), so an interrupted run on a slow
+    machine still leaves its curve behind."""
+    os.makedirs(out, exist_ok=True)
+    keep = ("accuracy", "first_token", "first_acc", "rest_acc", "first_nll", "rest_nll")
+    done = {
+        t: {c: {s: {k: r[k] for k in keep} for s, r in cs.items()} for c, cs in by.items()}
+        for t, by in results.items()
+    }
+    with open(os.path.join(out, "progress.json"), "w") as f:
+        json.dump(done, f, indent=1)
+
+
 def run_report(
     *,
     out: str,
@@ -90,6 +120,8 @@ def run_report(
     difficulty: str = "tiny",
     tasks: tuple[str, ...] | None = None,
     scan_train: bool = False,
+    token_stats: bool = True,
+    eval_at: tuple[int, ...] = (),
     progress: bool = True,
 ) -> dict:
     """Train what the columns need on each task and evaluate every column on the same test set.
@@ -99,20 +131,36 @@ def run_report(
     module. ``seed`` fixes data, test set and calibration; ``train_seed`` (default ``seed``)
     the batch order of training. ``learning_rate`` may be one value or one per task (every
     column of a task is trained at its task's rate). ``scan_train`` trains in the scanned
-    layer layout (faster to compile; the trees come back unrolled)."""
+    layer layout (faster to compile; the trees come back unrolled). ``token_stats=False``
+    skips the teacher-forced token metrics (a pass per evaluation; the demo's time budget).
+
+    Every trained column is evaluated after each step in ``eval_at`` and after the last step,
+    during the one training run (a learning curve, not a run per step count):
+    ``accuracy_curve[task][column][step]`` (the base column at step 0), ``correct_curve`` the
+    per-example results behind it, and ``token_curve`` the teacher-forced first-token /
+    later-token NLL and accuracy on the test targets (``train.evaluate.token_metrics``).
+    ``accuracy[task][column]`` and ``correct`` are the last step's. ``history[task][module]``
+    is the training loss per step (with ``first_nll``, ``rest_nll``, ``first_acc``,
+    ``rest_acc``)."""
     for t in tasks or ():
         get_task(t)  # ValueError naming an unknown one
     columns = tuple(columns or COLUMNS + (QSUN_COLUMNS if qsun else ()))
     bad = [c for c in columns if c not in TITLES]
     if bad:
         raise ValueError(f"unknown report columns {bad}; choose from {list(TITLES)}")
+    bad = [s for s in eval_at if not 1 <= s <= steps]
+    if bad:
+        raise ValueError(f"eval_at steps {bad} are outside 1..{steps=}")
+    curve_steps = tuple(sorted({*eval_at, steps}))
     quant = normalize_quant({**QUANT_DEFAULTS, **(quant or {})})
     train_seed = seed if train_seed is None else train_seed
     cfg, base_params, tok = base or tiny_base(progress=progress)
     quantized = {"sun+q", "qsun"} & set(columns)
     qdec = quantize_base(cfg, base_params, tok, quant, seed=seed) if quantized else None
     need = _needs(columns)
-    rows = {}
+    results: dict[str, dict] = {}  # task -> column -> step -> evaluate() + token_metrics()
+    histories: dict[str, dict] = {}
+    seconds: dict[str, float] = {}
     trained = {}
     for name, task in TASKS.items():
         if tasks and name not in tasks:
@@ -131,44 +179,55 @@ def run_report(
             learning_rate=_per_task(learning_rate, name),
             warmup_steps=steps // 10,
             seed=train_seed,
+            eval_at=curve_steps,
         )
         t0 = time.perf_counter()
+        res = results[name] = {c: {} for c in columns}
 
-        def fit(mode: str, decode, desc: str, tc=tc, enc=enc, name=name):
-            tc = dataclasses.replace(tc, mode=mode)
-            if not scan_train:
-                return train(
-                    cfg, tc, base_params, enc.batch, len(enc.pairs), decode_params=decode,
-                    desc=f"{name}: {desc}", progress=progress,
-                )[0]  # fmt: skip
-            # the scanned layout compiles a train step in about half the time (one layer
-            # traced, not L); the trained tree comes back in the caller's layout
-            scfg = cfg.replace(scan_layers=True)
-            stacked = None if decode is None else stack_layers(cfg, decode)
-            params = train(
-                scfg, tc, stack_layers(cfg, base_params), enc.batch, len(enc.pairs),
-                decode_params=stacked, desc=f"{name}: {desc}", progress=progress,
-            )[0]  # fmt: skip
-            return unstack_layers(cfg, params)
+        def score(col: str, step: int, prefill, decode, test=test, enc=enc, res=res) -> float:
+            r = evaluate(cfg, prefill, decode, tok, test, max_new_tokens=enc.response_len)
+            if token_stats:
+                r.update(token_metrics(cfg, prefill, decode, tok, test))
+            res[col][step] = r
+            _save_progress(out, results)
+            return r["accuracy"]
 
+        def fit(module: str, decode, desc: str, tc=tc, enc=enc, name=name):
+            cols = [c for c in columns if MODULE_OF[c] == module]
+            tcfg, init, dec, unroll = cfg, base_params, decode, lambda p: p
+            if scan_train:  # the scanned layout compiles a train step in about half the time
+                tcfg, unroll = cfg.replace(scan_layers=True), partial(unstack_layers, cfg)
+                init = stack_layers(cfg, base_params)
+                dec = None if decode is None else stack_layers(cfg, decode)
+
+            def eval_fn(params, step: int) -> dict:
+                params = unroll(params)
+                return {c: score(c, step, *pairing(c, params, base_params, qdec)) for c in cols}
+
+            params, history = train(
+                tcfg, dataclasses.replace(tc, mode="full" if module == "full" else "sun"),
+                init, enc.batch, len(enc.pairs), decode_params=dec, eval_fn=eval_fn,
+                desc=f"{name}: {desc}", progress=progress,
+            )  # fmt: skip
+            keep = ("loss", "first_nll", "rest_nll", "first_acc", "rest_acc")
+            histories.setdefault(name, {})[module] = [
+                {"step": h["step"], **{k: h[k] for k in keep}} for h in history
+            ]
+            return unroll(params)
+
+        if "base" in columns:
+            score("base", 0, base_params, base_params)
         full = fit("full", None, "full FT") if "full" in need else None
         sun = fit("sun", base_params, "SUN") if "sun" in need else None
-        qs = fit("sun", qdec, "QSUN") if "qsun" in need else None
-        pairs = {
-            "base": SunParams(base_params, base_params),
-            "full": SunParams(full, full),
-            "naive": SunParams(full, base_params),
-            "sun": SunParams(sun, base_params),
-            "sun+q": SunParams(sun, qdec),
-            "qsun": SunParams(qs, qdec),
-        }
-        evals = tqdm(columns, desc=f"{name}: evaluate", disable=not progress, mininterval=1)
-        rows[name] = {
-            col: evaluate(cfg, *pairs[col], tok, test, max_new_tokens=enc.response_len)
-            for col in evals
-        }
-        rows[name]["seconds"] = time.perf_counter() - t0
+        qs = fit("qsun", qdec, "QSUN") if "qsun" in need else None
+        seconds[name] = time.perf_counter() - t0
         trained[name] = {k: v for k, v in (("sun", sun), ("full", full), ("qsun", qs)) if v}
+
+    def last(task: str, col: str) -> dict:  # the result after the last step
+        by_step = results[task][col]
+        return by_step[max(by_step)]
+
+    token_keys = ("first_token", "first_nll", "rest_nll", "first_acc", "rest_acc")
     report = {
         "model": cfg.to_dict(),
         "steps": steps,
@@ -177,21 +236,42 @@ def run_report(
         "seed": seed,
         "train_seed": train_seed,
         "batch_size": batch_size,
-        "learning_rate": {t: _per_task(learning_rate, t) for t in rows},
+        "learning_rate": {t: _per_task(learning_rate, t) for t in results},
         "difficulty": difficulty,
         "decode_quant": quant if quantized else None,
         "columns": list(columns),
-        "accuracy": {t: {c: rows[t][c]["accuracy"] for c in columns} for t in rows},
-        "samples": {t: {c: rows[t][c]["samples"] for c in columns} for t in rows},
-        "seconds": {t: rows[t]["seconds"] for t in rows},
+        "eval_at": list(curve_steps),
+        "accuracy": {t: {c: last(t, c)["accuracy"] for c in columns} for t in results},
+        "correct": {t: {c: last(t, c)["correct"] for c in columns} for t in results},
+        "samples": {t: {c: last(t, c)["samples"] for c in columns} for t in results},
+        "accuracy_curve": {
+            t: {c: {s: r["accuracy"] for s, r in cs.items()} for c, cs in results[t].items()}
+            for t in results
+        },
+        "correct_curve": {
+            t: {c: {s: r["correct"] for s, r in cs.items()} for c, cs in results[t].items()}
+            for t in results
+        },
+        "token_curve": {
+            t: {
+                c: {s: {k: r[k] for k in token_keys if k in r} for s, r in cs.items()}
+                for c, cs in results[t].items()
+            }
+            for t in results
+        },
+        "history": histories,
+        "seconds": seconds,
     }
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
+        json.dump(report, f, indent=1)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(markdown(report))
+    if len(curve_steps) > 1:
+        plot_curves(report, os.path.join(out, "curve.png"))
     report["_trained"] = trained
     report["_base"] = (cfg, base_params, tok)
+    report["_quantized_decode"] = qdec
     return report
 
 
@@ -244,18 +324,177 @@ def quant_sweep(
     return result
 
 
+# Differences reported with a paired interval: (column, minus column).
+DIFFS = (("sun", "full"), ("naive", "full"), ("qsun", "sun"), ("sun+q", "sun"))
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
 def markdown(report: dict) -> str:
+    """The report as markdown: accuracy with 95% Wilson intervals, paired differences, the
+    learning curve and the first-token / later-token diagnostics."""
+    cols = report["columns"]
     lines = [
         f"Accuracy (%, greedy, {report['n_test']} test examples per task; {report['steps']} "
-        f"steps of fine-tuning, seed {report['seed']})",
+        f"steps of fine-tuning, seed {report['seed']}, difficulty "
+        f"{report.get('difficulty', 'tiny')}); [95% Wilson interval]",
         "",
-        "| task | " + " | ".join(TITLES[c] for c in report["columns"]) + " |",
-        "|---" * (len(report["columns"]) + 1) + "|",
+        "| task | " + " | ".join(TITLES[c] for c in cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
     ]
+    correct = report.get("correct")
     for task, acc in report["accuracy"].items():
-        cells = " | ".join(f"{100 * acc[c]:.1f}" for c in report["columns"])
-        lines.append(f"| {task} | {cells} |")
+        cells = []
+        for c in cols:
+            text = _pct(acc[c])
+            if correct:
+                st = stats.cell(correct[task][c])
+                text += f" [{_pct(st['low'])}, {_pct(st['high'])}]"
+            cells.append(text)
+        lines.append(f"| {task} | {' | '.join(cells)} |")
+    if not correct:
+        return "\n".join(lines) + "\n"
+    diffs = [(a, b) for a, b in DIFFS if a in cols and b in cols]
+    if diffs:
+        lines += ["", "Paired differences (points, same test examples; 95% paired bootstrap)", ""]
+        lines += ["| task | " + " | ".join(f"{a} − {b}" for a, b in diffs) + " |"]
+        lines += ["|---" * (len(diffs) + 1) + "|"]
+        for task in report["accuracy"]:
+            cells = []
+            for a, b in diffs:
+                d = stats.paired_difference(correct[task][a], correct[task][b])
+                cells.append(f"{_pct(d['diff'])} [{_pct(d['low'])}, {_pct(d['high'])}]")
+            lines.append(f"| {task} | {' | '.join(cells)} |")
+    curve = report.get("accuracy_curve", {})
+    steps = report.get("eval_at", [])
+    if len(steps) > 1:
+        lines += ["", "Learning curve (accuracy %, one run evaluated after each step count)", ""]
+        lines += ["| task | column | " + " | ".join(str(s) for s in steps) + " |"]
+        lines += ["|---" * (len(steps) + 2) + "|"]
+        for task, by_col in curve.items():
+            for c, by_step in by_col.items():
+                by_step = {int(k): v for k, v in by_step.items()}
+                cells = [_pct(by_step[s]) if s in by_step else "" for s in steps]
+                lines.append(f"| {task} | {c} | {' | '.join(cells)} |")
+    tokens = report.get("token_curve", {})
+    if tokens:
+        lines += [
+            "",
+            "Where the errors are (last step, test targets): greedy first token = the first "
+            "generated token is the target's; teacher-forced argmax accuracy and NLL of the "
+            "first response token (prefill module) and the later ones (decode module)",
+            "",
+            "| task | column | greedy first token % | first acc % | later acc % | first NLL "
+            "| later NLL |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for task, by_col in tokens.items():
+            for c, by_step in by_col.items():
+                m = by_step[max(by_step, key=int)]
+                lines.append(
+                    f"| {task} | {c} | {_pct(m['first_token'])} | {_pct(m['first_acc'])} | "
+                    f"{_pct(m['rest_acc'])} | {m['first_nll']:.3f} | {m['rest_nll']:.3f} |"
+                )
     return "\n".join(lines) + "\n"
+
+
+def summarize(reports: list[dict]) -> dict:
+    """Aggregate reports that differ only in ``train_seed`` (same data, test set, columns):
+    per cell the mean over seeds with a Student-t interval over the seeds and a bootstrap
+    interval over the test examples (``stats.over_seeds``); per difference in ``DIFFS`` the
+    mean over seeds with the same two intervals (the example bootstrap is paired: the per-example
+    mean over seeds of one column minus the other's); the mean learning curve."""
+    if not reports:
+        raise ValueError("summarize needs at least one report")
+    keys = ("columns", "n_test", "seed", "steps", "difficulty", "eval_at")
+    first = reports[0]
+    for r in reports[1:]:
+        bad = {k: (first.get(k), r.get(k)) for k in keys if r.get(k) != first.get(k)}
+        if bad or set(r["accuracy"]) != set(first["accuracy"]):
+            raise ValueError(f"reports differ beyond train_seed: {bad or 'tasks'}")
+    cols = first["columns"]
+    out = {k: first.get(k) for k in keys}
+    out["train_seeds"] = [r["train_seed"] for r in reports]
+    out["cells"], out["diffs"], out["curve"] = {}, {}, {}
+    for task in first["accuracy"]:
+        per = {c: np.array([r["correct"][task][c] for r in reports], float) for c in cols}
+        out["cells"][task] = {c: stats.over_seeds(per[c]) for c in cols}
+        out["diffs"][task] = {}
+        for a, b in DIFFS:
+            if a in cols and b in cols:
+                d = per[a].mean(axis=1) - per[b].mean(axis=1)
+                low, high = stats.seed_interval(d)
+                paired = stats.paired_difference(per[a].mean(axis=0), per[b].mean(axis=0))
+                out["diffs"][task][f"{a} - {b}"] = {
+                    "diff": float(d.mean()), "per_seed": d.tolist(), "seed_low": low,
+                    "seed_high": high, "low": paired["low"], "high": paired["high"],
+                }  # fmt: skip
+        out["curve"][task] = {
+            c: {
+                s: float(np.mean([r["accuracy_curve"][task][c][s] for r in reports]))
+                for s in first["accuracy_curve"][task][c]
+            }
+            for c in cols
+        }
+    return out
+
+
+def summary_markdown(summary: dict) -> str:
+    seeds = summary["train_seeds"]
+    lines = [
+        f"Mean accuracy % over {len(seeds)} training seeds {seeds} ({summary['n_test']} test "
+        f"examples, {summary['steps']} steps, difficulty {summary['difficulty']}); [95% interval "
+        "over test examples] {95% t-interval over seeds}",
+        "",
+        "| task | " + " | ".join(TITLES[c] for c in summary["columns"]) + " |",
+        "|---" * (len(summary["columns"]) + 1) + "|",
+    ]
+
+    def fmt(x: dict, key: str) -> str:
+        return (f"{_pct(x[key])} [{_pct(x['low'])}, {_pct(x['high'])}] "
+                f"{{{_pct(x['seed_low'])}, {_pct(x['seed_high'])}}}")  # fmt: skip
+
+    for task, cells in summary["cells"].items():
+        lines.append(f"| {task} | " + " | ".join(fmt(cells[c], "accuracy") for c in cells) + " |")
+    names = sorted({n for d in summary["diffs"].values() for n in d})
+    if names:
+        lines += ["", "Differences (points, mean over seeds; [paired bootstrap] {t over seeds})"]
+        lines += ["", "| task | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for task, d in summary["diffs"].items():
+            lines.append(f"| {task} | " + " | ".join(fmt(d[n], "diff") for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(report: dict, path: str) -> None:
+    """Accuracy against training steps, one panel per task, one line per column (the base
+    column as a horizontal line), with 95% Wilson intervals as bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = report["accuracy_curve"]
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.8), squeeze=False)
+    for ax, (task, by_col) in zip(axes[0], curves.items(), strict=True):
+        for c, by_step in by_col.items():
+            steps = sorted(int(s) for s in by_step)
+            got = {int(s): v for s, v in report["correct_curve"][task][c].items()}
+            acc = [100 * np.mean(got[s]) for s in steps]
+            band = np.array([stats.cell(got[s])[k] for s in steps for k in ("low", "high")])
+            band = 100 * band.reshape(-1, 2)
+            if steps == [0]:
+                ax.axhline(acc[0], color="grey", ls="--", label=TITLES[c])
+                continue
+            (line,) = ax.plot(steps, acc, marker="o", label=TITLES[c])
+            ax.fill_between(steps, band[:, 0], band[:, 1], color=line.get_color(), alpha=0.15)
+        ax.set(title=f"{task} ({report['difficulty']}, n={report['n_test']})",
+               xlabel="training steps", ylabel="accuracy %", ylim=(0, 100))  # fmt: skip
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,6 +514,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quant", type=json.loads, default=None, help="JSON overlay of QUANT_DEFAULTS")
     p.add_argument("--train-seed", type=int, default=None, help="batch order (default --seed)")
     p.add_argument(
+        "--train-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="one report per batch order in OUT/seed_<s>, and OUT/summary.{json,md} over them",
+    )
+    p.add_argument(
+        "--eval-at", type=int, nargs="+", default=(), help="also evaluate after these steps"
+    )
+    p.add_argument(
+        "--benchmarks",
+        action="store_true",
+        help="also evaluate the tool modules on BFCL simple-python, the code ones on HumanEval",
+    )
+    p.add_argument("--bench-limit", type=int, default=None, help="first N benchmark examples")
+    p.add_argument(
         "--sweep", type=json.loads, default=None, help="{name: quant overlay}: SUN with each"
     )
     args = p.parse_args(argv)
@@ -289,24 +544,45 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         print(f"wrote {args.out}/sweep.json")
         return 0
-    report = run_report(
-        out=args.out,
-        steps=args.steps,
-        n_train=args.n_train,
-        n_test=args.n_test,
-        seed=args.seed,
-        qsun=args.qsun,
-        columns=tuple(args.columns) if args.columns else None,
-        quant=args.quant,
-        train_seed=args.train_seed,
-        base=base,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        difficulty=args.difficulty,
-        tasks=tuple(args.tasks) if args.tasks else None,
-    )
-    print(markdown(report))
-    print(f"wrote {args.out}/report.json and report.md")
+    seeds = args.train_seeds or [args.train_seed]
+    reports = []
+    for train_seed in seeds:
+        out = args.out if args.train_seeds is None else os.path.join(args.out, f"seed_{train_seed}")
+        report = run_report(
+            out=out,
+            steps=args.steps,
+            n_train=args.n_train,
+            n_test=args.n_test,
+            seed=args.seed,
+            qsun=args.qsun,
+            columns=tuple(args.columns) if args.columns else None,
+            quant=args.quant,
+            train_seed=train_seed,
+            base=base,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            difficulty=args.difficulty,
+            tasks=tuple(args.tasks) if args.tasks else None,
+            eval_at=tuple(args.eval_at),
+        )
+        base = report["_base"]
+        print(markdown(report))
+        print(f"wrote {out}/report.json and report.md")
+        if args.benchmarks:
+            from train.benchmark_report import benchmark_report
+            from train.benchmark_report import markdown as bench_markdown
+
+            bench = benchmark_report(out=out, report=report, limit=args.bench_limit)
+            print(bench_markdown(bench))
+            print(f"wrote {out}/benchmarks.json and benchmarks.md")
+        reports.append({k: v for k, v in report.items() if not k.startswith("_")})
+    if args.train_seeds is not None:
+        summary = summarize(reports)
+        with open(os.path.join(args.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        with open(os.path.join(args.out, "summary.md"), "w") as f:
+            f.write(summary_markdown(summary))
+        print(summary_markdown(summary))
     return 0
 
 

@@ -43,6 +43,7 @@ class TrainConfig:
     compute_dtype: str | None = None
     seed: int = 0
     eval_every: int = 0
+    eval_at: tuple[int, ...] = ()
     checkpoint_every: int = 0
 
     def __post_init__(self):
@@ -53,6 +54,13 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
+        bad = [s for s in self.eval_at if not 1 <= s <= self.steps]
+        if bad:
+            raise ValueError(f"eval_at steps {bad} are outside 1..steps={self.steps}")
+
+    def evaluates_at(self, step: int) -> bool:
+        """Whether ``eval_fn`` runs after optimizer step ``step`` (1-based)."""
+        return step in self.eval_at or bool(self.eval_every and step % self.eval_every == 0)
 
 
 @jax.tree_util.register_dataclass
@@ -127,14 +135,15 @@ def train(
     *,
     decode_params: dict | None = None,
     checkpoint_dir: str | None = None,
-    eval_fn: Callable[[dict], dict] | None = None,
+    eval_fn: Callable[[dict, int], dict] | None = None,
     desc: str = "train",
     progress: bool = True,
 ) -> tuple[dict, list[dict]]:
     """Run ``tc.steps`` steps; resumes from the latest checkpoint in ``checkpoint_dir``.
 
     ``make_batch(indices)`` builds a ``Batch`` from example indices. Every ``tc.eval_every``
-    steps ``eval_fn(params)`` runs and its metrics join that step's as ``eval_<name>``. Returns
+    steps and after each step in ``tc.eval_at``, ``eval_fn(params, step)`` runs on the params
+    after that step and its metrics join that step's as ``eval_<name>``. Returns
     the trained tree and one metrics dict per step run in this call.
     """
     if tc.mode == "sun" and decode_params is None:
@@ -163,8 +172,8 @@ def train(
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["step"] = step + 1
         tokens += metrics["tokens"]
-        if eval_fn and tc.eval_every and (step + 1) % tc.eval_every == 0:
-            metrics.update({f"eval_{k}": v for k, v in eval_fn(state.params).items()})
+        if eval_fn and tc.evaluates_at(step + 1):
+            metrics.update({f"eval_{k}": v for k, v in eval_fn(state.params, step + 1).items()})
         history.append(metrics)
         bar.set_postfix(
             refresh=False,

@@ -63,3 +63,28 @@ def test_gradient_reaches_prefill_tree_only_through_kv_and_first_token():
     last = g1[f"layers_{cfg.n_layers - 1}"]
     assert float(jnp.abs(last["mlp"]["up_proj"]["kernel"]).sum()) > 0
     assert float(jnp.abs(last["attn"]["k_proj"]["kernel"]).sum()) > 0
+
+
+def test_first_and_later_token_metrics():
+    """first_* cover the prefill tree's token, rest_* the decode tree's; accuracy is argmax."""
+    from sunjax.sun import sun_logits
+
+    cfg = _cfg()
+    pre = sunjax.init_params(cfg, jax.random.PRNGKey(1))
+    dec = sunjax.init_params(cfg, jax.random.PRNGKey(2))
+    rng = np.random.RandomState(3)
+    pairs = [(rng.randint(0, 61, 6).tolist(), rng.randint(0, 61, n).tolist()) for n in (1, 3, 5)]
+    batch = make_batch(pairs, prompt_len=8, response_len=6)
+    nll, mask = sun_token_nll(cfg, pre, dec, batch)
+    pred = np.asarray(jnp.argmax(sun_logits(cfg, pre, dec, batch), -1))
+    first_hits = [pred[i, 0] == r[0] for i, (_, r) in enumerate(pairs)]
+    rest_hits = [pred[i, j] == r[j] for i, (_, r) in enumerate(pairs) for j in range(1, len(r))]
+    _, m = sun_loss(cfg, pre, dec, batch)
+    np.testing.assert_allclose(m["first_nll"], float(nll[:, 0].mean()), rtol=1e-6)
+    np.testing.assert_allclose(m["rest_nll"], float(nll[:, 1:].sum() / 6), rtol=1e-6)
+    np.testing.assert_allclose(m["first_acc"], np.mean(first_hits), rtol=1e-6)
+    np.testing.assert_allclose(m["rest_acc"], np.mean(rest_hits), rtol=1e-6)
+    # a decode tree that is the prefill tree changes the later tokens' scores, not the first's
+    _, same = sun_loss(cfg, pre, pre, batch)
+    np.testing.assert_allclose(same["first_nll"], m["first_nll"], rtol=1e-6)
+    assert abs(float(same["rest_nll"]) - float(m["rest_nll"])) > 1e-3

@@ -79,3 +79,87 @@ def test_scan_train_trains_the_same_modules(tmp_path):
     for mode in ("full", "sun"):
         assert jax.tree.structure(plain[mode]) == jax.tree.structure(scanned[mode])
         chex.assert_trees_all_close(plain[mode], scanned[mode], atol=2e-5, rtol=1e-4)
+
+
+def test_learning_curve_from_one_run(tmp_path):
+    """Checkpoints of one run are evaluated: each point is the mean of its per-example results,
+    the last point is the report's accuracy and equals the returned module evaluated again."""
+    kw = dict(steps=3, n_docs=64, cache_dir=str(tmp_path / "base"), progress=False)
+    base = tiny_base(**kw)
+    with pytest.raises(ValueError, match=r"\[5\]"):
+        run_report(out=str(tmp_path), steps=3, n_train=8, n_test=2, seed=0, base=base,
+                   tasks=("arith",), eval_at=(5,), progress=False)  # fmt: skip
+    report = run_report(
+        out=str(tmp_path / "r"),
+        steps=3,
+        n_train=16,
+        n_test=4,
+        seed=0,
+        base=base,
+        tasks=("arith",),
+        eval_at=(1, 2),
+        batch_size=4,
+        progress=False,
+    )
+    saved = json.load(open(tmp_path / "r" / "report.json"))
+    curve = saved["accuracy_curve"]["arith"]
+    assert set(curve) == set(COLUMNS) and list(curve["base"]) == ["0"]
+    for col in ("full", "naive", "sun"):
+        assert list(curve[col]) == ["1", "2", "3"]
+        assert curve[col]["3"] == saved["accuracy"]["arith"][col]
+        for step, acc in curve[col].items():
+            got = saved["correct_curve"]["arith"][col][step]
+            assert len(got) == 4 and acc == sum(got) / 4
+    assert saved["correct"]["arith"]["sun"] == saved["correct_curve"]["arith"]["sun"]["3"]
+    # the last point is the returned SUN module evaluated again, from scratch
+    cfg, params, tok = base
+    test = get_task("arith").generate(4, split="test", seed=0)
+    length = encode(
+        tok, get_task("arith").generate(16, split="train", seed=0), prompt_len=None,
+        response_len=None,
+    ).response_len  # fmt: skip
+    sun = report["_trained"]["arith"]["sun"]
+    again = evaluate(cfg, sun, params, tok, test, max_new_tokens=length)
+    assert again["correct"] == saved["correct"]["arith"]["sun"]
+    tokens = saved["token_curve"]["arith"]["sun"]["3"]
+    assert again["first_token"] == tokens["first_token"]
+    assert set(tokens) == {"first_token", "first_nll", "rest_nll", "first_acc", "rest_acc"}
+    history = saved["history"]["arith"]
+    assert [h["step"] for h in history["sun"]] == [1, 2, 3] and set(history) == {"full", "sun"}
+    assert os.path.getsize(tmp_path / "r" / "curve.png") > 1000
+    md = open(tmp_path / "r" / "report.md").read()
+    assert "sun − full" in md and "Learning curve" in md
+
+
+def _fake_report(train_seed, sun, full):
+    return {
+        "columns": ["full", "sun"], "n_test": len(sun), "seed": 0, "steps": 4,
+        "difficulty": "small", "eval_at": [2, 4], "train_seed": train_seed,
+        "accuracy": {"arith": {"full": sum(full) / len(full), "sun": sum(sun) / len(sun)}},
+        "correct": {"arith": {"full": full, "sun": sun}},
+        "accuracy_curve": {"arith": {"full": {"2": 0.0, "4": sum(full) / len(full)},
+                                     "sun": {"2": 0.5, "4": sum(sun) / len(sun)}}},
+    }  # fmt: skip
+
+
+def test_summarize_over_seeds():
+    from train import stats
+    from train.report import summarize, summary_markdown
+
+    reports = [
+        _fake_report(0, sun=[1, 1, 0, 0], full=[1, 0, 0, 0]),
+        _fake_report(1, sun=[1, 0, 0, 0], full=[1, 1, 1, 0]),
+        _fake_report(2, sun=[1, 1, 1, 0], full=[1, 1, 0, 0]),
+    ]
+    got = summarize(reports)
+    assert got["train_seeds"] == [0, 1, 2]
+    assert got["cells"]["arith"]["sun"]["accuracy"] == pytest.approx(0.5)
+    d = got["diffs"]["arith"]["sun - full"]
+    assert d["per_seed"] == pytest.approx([0.25, -0.5, 0.25]) and d["diff"] == pytest.approx(0)
+    assert (d["seed_low"], d["seed_high"]) == pytest.approx(stats.seed_interval([0.25, -0.5, 0.25]))
+    assert got["curve"]["arith"]["sun"] == {"2": 0.5, "4": 0.5}
+    assert "sun - full" in summary_markdown(got)
+    other = _fake_report(3, sun=[1, 0, 0, 0], full=[1, 0, 0, 0])
+    other["difficulty"] = "tiny"
+    with pytest.raises(ValueError, match="difficulty"):
+        summarize([reports[0], other])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import json
 import re
@@ -28,7 +29,7 @@ from train.tasks import (
 )
 from train.tasks.arith import extract_number
 
-CASES = [(name, difficulty) for name in sorted(TASKS) for difficulty in DIFFICULTIES]
+CASES = [(name, difficulty) for name in sorted(TASKS) for difficulty in TASKS[name].difficulties]
 
 
 def _user_texts(examples: list[Example]) -> set[str]:
@@ -56,6 +57,48 @@ def test_registry_names_and_unknown_task():
 def test_generate_rejects_bad_arguments(kwargs, offending):
     with pytest.raises(ValueError, match=re.escape(offending)):
         TASKS["arith"].generate(**kwargs)
+
+
+def test_difficulties_are_per_task():
+    assert set(TASKS["arith"].difficulties) == set(TASKS["tool"].difficulties) == set(DIFFICULTIES)
+    assert "medium" not in TASKS["code"].difficulties
+    with pytest.raises(ValueError, match="'medium' for task 'code'"):
+        TASKS["code"].generate(1, split="test", difficulty="medium")
+
+
+def test_tiny_and_small_examples_are_unchanged_by_medium():
+    """The levels below "medium" draw exactly what they drew before it existed (reports made
+    with them stay reproducible): a fingerprint of 300 train and test examples per task."""
+    digest = hashlib.sha256()
+    for _, task in sorted(TASKS.items()):
+        for difficulty in ("tiny", "small"):
+            for split in ("train", "test"):
+                for ex in task.generate(300, split=split, seed=0, difficulty=difficulty):
+                    blob = json.dumps([ex.messages, ex.target, ex.meta], sort_keys=True)
+                    digest.update(blob.encode())
+    assert digest.hexdigest() == (
+        "81611b74d1571c5242416c89a23f699583cebe37de88c8ac587cdf185862cb09"
+    )
+
+
+def test_medium_is_harder_than_small():
+    def steps(ex):
+        return ex.target.count("\n")
+
+    small = TASKS["arith"].generate(200, split="test", difficulty="small")
+    medium = TASKS["arith"].generate(200, split="test", difficulty="medium")
+    assert min(steps(e) for e in medium) >= 5  # five or six operations, one equation or two each
+    assert sum(map(steps, medium)) > 1.4 * sum(map(steps, small))
+    assert min(e.meta["answer"] for e in medium) > 0
+    assert sum(e.meta["answer"] >= 100 for e in medium) > 180
+    tool = TASKS["tool"].generate(200, split="test", difficulty="medium")
+    listed = [len(e.meta["functions"]) for e in tool]
+    assert min(listed) == 4 and max(listed) == 6
+    nested = [
+        e for e in tool
+        if any(isinstance(v[0], dict | list) for v in e.meta["answer"]["arguments"].values())
+    ]  # fmt: skip
+    assert 60 < len(nested) < 140
 
 
 def test_check_rejects_example_of_another_task():
@@ -131,7 +174,7 @@ def test_targets_pass_inside_chatter():
 # --- wrong answers fail --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("difficulty", DIFFICULTIES)
+@pytest.mark.parametrize("difficulty", TASKS["arith"].difficulties)
 def test_arith_wrong_numbers_fail(difficulty):
     for example in TASKS["arith"].generate(50, split="test", difficulty=difficulty):
         answer = example.meta["answer"]
@@ -146,7 +189,7 @@ def test_extract_number_reads_last_number():
     assert extract_number("no digits") is None
 
 
-@pytest.mark.parametrize("difficulty", DIFFICULTIES)
+@pytest.mark.parametrize("difficulty", TASKS["code"].difficulties)
 def test_code_wrong_bodies_fail(difficulty):
     for example in TASKS["code"].generate(20, split="test", difficulty=difficulty):
         header = example.target.splitlines()[0]
@@ -206,6 +249,29 @@ def test_tool_checker_is_type_aware():
         assert check(ex, _call(ex, bill=int(args["bill"])))
     email = _tool_example("send_email")
     assert not check(email, _call(email, urgent=1))
+
+
+def test_tool_nested_arguments_checked_field_by_field():
+    ship = _tool_example("ship_package", "medium")
+    address = json.loads(ship.target)["arguments"]["address"]
+    assert check(ship, ship.target)
+    assert not check(ship, _call(ship, address={**address, "city": "Tokyo"}))
+    assert not check(ship, _call(ship, address={**address, "zip": "123"}))
+    assert not check(ship, _call(ship, address={"city": address["city"]}))
+    assert not check(ship, _call(ship, address=f"{address['street']}, {address['city']}"))
+    event = _tool_example("create_event", "medium")
+    when = json.loads(event.target)["arguments"]["when"]
+    assert not check(event, _call(event, when={**when, "hour": str(when["hour"])}))
+    group = _tool_example("message_group", "medium")
+    names = json.loads(group.target)["arguments"]["recipients"]
+    assert check(group, _call(group, recipients=list(names)))
+    assert not check(group, _call(group, recipients=names[::-1]))
+    assert not check(group, _call(group, recipients=names[:-1]))
+    assert not check(group, _call(group, recipients=", ".join(names)))
+    device = _tool_example("schedule_device", "medium")
+    hours = json.loads(device.target)["arguments"]["hours"]
+    assert not check(device, _call(device, hours=[str(h) for h in hours]))
+    assert "hours: list[int]" in device.messages[0]["content"]
 
 
 def test_tool_optional_parameters_only_when_asked():

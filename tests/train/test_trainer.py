@@ -159,3 +159,33 @@ def test_run_shorter_than_its_warmup(base):
         CFG, tc, base, batcher(pairs), len(pairs), decode_params=base, progress=False
     )
     assert len(history) == 1 and np.isfinite(history[0]["loss"])
+
+
+def test_eval_at_hands_over_the_params_after_those_steps(base):
+    from train.trainer import train_step
+
+    pairs = toy_pairs()
+    tc = TrainConfig(mode="sun", steps=4, batch_size=8, learning_rate=1e-2, eval_at=(2, 4))
+    seen = {}
+
+    def eval_fn(params, step):
+        seen[step] = jax.tree.map(np.array, params)  # copied: the state is donated next step
+        return {"step_seen": float(step)}
+
+    params, history = train(
+        CFG, tc, base, batcher(pairs), len(pairs), decode_params=base, eval_fn=eval_fn,
+        progress=False,
+    )  # fmt: skip
+    assert sorted(seen) == [2, 4]
+    assert [h.get("eval_step_seen") for h in history] == [None, 2.0, None, 4.0]
+    chex.assert_trees_all_equal(seen[4], jax.tree.map(np.array, params))
+    # step 2's params are those of two plain train_steps under the same config
+    from train.trainer import batch_indices
+
+    state = init_state(tc, base)
+    for step in range(2):
+        batch = batcher(pairs)(batch_indices(len(pairs), tc.batch_size, step, tc.seed))
+        state, _ = train_step(CFG, tc, state, base, batch)
+    chex.assert_trees_all_close(seen[2], jax.tree.map(np.array, state.params), atol=1e-6)
+    with pytest.raises(ValueError, match=r"\[5\]"):
+        TrainConfig(steps=4, eval_at=(5,))

@@ -5,6 +5,8 @@ the checker reads the last number of a completion, as GSM8K evaluation does.
 
     tiny:  start 2..20, two steps of + / - with operands 1..9, one sentence.
     small: start 10..99, three or four steps out of + / - / doubling / halving / packs of c.
+    medium: start 100..999, five or six of those steps, with operands up to 250 and packs of up
+            to 9 x 25.
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ def _loss(rng: random.Random, friend: str, x: int, k: int) -> tuple[str, list[st
     return phrase, [f"{x} - {k} = {x - k}"], x - k
 
 
+# difficulty -> (largest operand of + / -, most packs, most items per pack, largest count that
+# may be doubled or tripled); "tiny" has its own two-step story
+_LEVELS = {"small": (50, 6, 12, 200), "medium": (250, 9, 25, 1000)}
+# difficulty -> (smallest, largest starting count, fewest, most steps)
+_STORY = {"tiny": (2, 20, 2, 2), "small": (10, 99, 3, 4), "medium": (100, 999, 5, 6)}
+
+
 def _step(
     rng: random.Random, friend: str, items: str, x: int, difficulty: str
 ) -> tuple[str, list[str], int]:
@@ -49,18 +58,19 @@ def _step(
         if x > 1 and rng.random() < 0.5:
             return _loss(rng, friend, x, rng.randint(1, min(9, x - 1)))
         return _gain(rng, friend, x, rng.randint(1, 9))
+    k_max, b_max, c_max, mult_max = _LEVELS[difficulty]
     kinds = ["gain", "loss", "packs"]
-    if x <= 200:
+    if x <= mult_max:
         kinds += ["double", "triple"]
     if x % 2 == 0:
         kinds.append("half")
     kind = rng.choice(kinds) if x > 1 else "gain"
     if kind == "gain":
-        return _gain(rng, friend, x, rng.randint(1, 50))
+        return _gain(rng, friend, x, rng.randint(1, k_max))
     if kind == "loss":
-        return _loss(rng, friend, x, rng.randint(1, min(50, x - 1)))
+        return _loss(rng, friend, x, rng.randint(1, min(k_max, x - 1)))
     if kind == "packs":
-        b, c = rng.randint(2, 6), rng.randint(2, 12)
+        b, c = rng.randint(2, b_max), rng.randint(2, c_max)
         phrase = f"buys {b} {rng.choice(_CONTAINERS)} of {c} {items}"
         return phrase, [f"{b} * {c} = {b * c}", f"{x} + {b * c} = {x + b * c}"], x + b * c
     if kind == "half":
@@ -73,11 +83,12 @@ def _step(
 def sample(rng: random.Random, difficulty: str) -> Example:
     person, friend = rng.sample(_PEOPLE, 2)
     items = rng.choice(_ITEMS)
-    x = rng.randint(2, 20) if difficulty == "tiny" else rng.randint(10, 99)
+    lo, hi, fewest, most = _STORY[difficulty]
+    x = rng.randint(lo, hi)
     start = x
     phrases: list[str] = []
     lines: list[str] = []
-    for _ in range(2 if difficulty == "tiny" else rng.randint(3, 4)):
+    for _ in range(fewest if fewest == most else rng.randint(fewest, most)):
         phrase, eqs, x = _step(rng, friend, items, x, difficulty)
         phrases.append(phrase)
         lines.extend(eqs)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 SPLITS = ("train", "val", "test")
-DIFFICULTIES = ("tiny", "small")
+DIFFICULTIES = ("tiny", "small", "medium")
 
 _BUCKETS = 10
 _SPLIT_BUCKETS = {"test": frozenset({0}), "val": frozenset({1}), "train": frozenset(range(2, 10))}
@@ -51,11 +51,13 @@ Checker = Callable[[Example, str], bool]
 
 @dataclass(frozen=True, kw_only=True)
 class Task:
-    """A task family: a seeded example sampler and a checker of completions."""
+    """A task family: a seeded example sampler and a checker of completions, at the
+    `difficulties` its sampler knows (a subset of DIFFICULTIES)."""
 
     name: str
     sampler: Sampler
     checker: Checker
+    difficulties: tuple[str, ...] = DIFFICULTIES
 
     def generate(
         self, n: int, *, split: str, seed: int = 0, difficulty: str = "tiny"
@@ -71,8 +73,10 @@ class Task:
             raise ValueError(f"{n=} must be at least 1")
         if split not in SPLITS:
             raise ValueError(f"unknown {split=}; expected one of {SPLITS}")
-        if difficulty not in DIFFICULTIES:
-            raise ValueError(f"unknown {difficulty=}; expected one of {DIFFICULTIES}")
+        if difficulty not in self.difficulties:
+            raise ValueError(
+                f"unknown {difficulty=} for task {self.name!r}; expected one of {self.difficulties}"
+            )
         rng = random.Random(f"{self.name}/{difficulty}/{split}/{seed}")
         buckets = _SPLIT_BUCKETS[split]
         unique = split != "train"

@@ -340,4 +340,4 @@ def check(example: Example, completion: str, *, timeout_s: float = DEFAULT_TIMEO
     return run_python(program(example, completion), timeout_s=timeout_s)
 
 
-TASK = Task(name=NAME, sampler=sample, checker=check)
+TASK = Task(name=NAME, sampler=sample, checker=check, difficulties=tuple(_TEMPLATES))

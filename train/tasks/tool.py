@@ -1,9 +1,12 @@
 """JSON function calls from given schemas (a BFCL simple-function stand-in).
 
-The system message lists 1-2 (tiny) or 2-3 (small) function signatures, such as
+The system message lists 1-2 (tiny), 2-3 (small) or 4-6 (medium) function signatures, such as
 `set_alarm(hour: int, minute?: int)` ("?" marks an optional parameter), the user asks for
 something only one of them does, and the target is one JSON object
 `{"name": ..., "arguments": {...}}`. Optional parameters are set only when the request says so.
+At "medium" half of the requests call a function with an object or list argument
+(`ship_package(weight: float, address: {street: str, city: str}, express?: bool)`), and those
+functions are among the ones listed.
 
 The checker follows BFCL's AST checker for a single call: the right function name, every required
 parameter present, no parameter that is unknown or not asked for, and every value equal to one of
@@ -23,7 +26,7 @@ import random
 
 from train.tasks.base import Example, Task
 from train.tasks.tool_check import check_call, parse_call
-from train.tasks.tool_functions import FUNCTIONS
+from train.tasks.tool_functions import FUNCTIONS, NESTED_FUNCTIONS
 
 NAME = "tool"
 
@@ -35,12 +38,20 @@ __all__ = ["NAME", "TASK", "check", "check_call", "parse_call", "sample"]
 _LEVELS = {
     "tiny": (1, 2, 0.3, "Functions:\n"),
     "small": (2, 3, 0.5, "Answer with one JSON function call. Functions:\n"),
+    "medium": (4, 6, 0.5, "Answer with one JSON function call. Functions:\n"),
 }
 
 
 def sample(rng: random.Random, difficulty: str) -> Example:
     fewest, most, p_optional, header = _LEVELS[difficulty]
-    listed = rng.sample(FUNCTIONS, rng.randint(fewest, most))
+    if difficulty == "medium":
+        n = rng.randint(fewest, most)
+        nested = rng.randint(1, 2)
+        listed = [*rng.sample(NESTED_FUNCTIONS, nested), *rng.sample(FUNCTIONS, n - nested)]
+        if rng.random() < 0.5:  # call a flat function half of the time
+            listed.insert(0, listed.pop(nested))
+    else:
+        listed = rng.sample(FUNCTIONS, rng.randint(fewest, most))
     fn = listed[0]
     rng.shuffle(listed)
     phrases: dict[str, str] = {}
@@ -79,4 +90,4 @@ def check(example: Example, completion: str) -> bool:
     )
 
 
-TASK = Task(name=NAME, sampler=sample, checker=check)
+TASK = Task(name=NAME, sampler=sample, checker=check, difficulties=tuple(_LEVELS))

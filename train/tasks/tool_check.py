@@ -23,7 +23,6 @@ _PY_TYPES = {
 }
 
 
-
 def parse_call(text: str) -> dict | None:
     """The first JSON object in `text` shaped like a call, as {"name": str, "arguments": dict}.
 

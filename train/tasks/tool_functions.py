@@ -1,5 +1,8 @@
 """The function table of the tool task: schemas, how each argument is drawn and phrased, and
-the requests that ask for each function (a BFCL simple-function stand-in)."""
+the requests that ask for each function (a BFCL simple-function stand-in).
+
+`FUNCTIONS` take flat arguments; `NESTED_FUNCTIONS` (listed only at "medium") take an object
+(`{city: str, street: str}`) or a list (`list[str]`) as an argument, as many BFCL entries do."""
 
 from __future__ import annotations
 
@@ -21,6 +24,28 @@ class _Param:
     type: str
     draw: Draw
     clause: str = ""
+    fields: tuple[tuple[str, str], ...] = ()  # a "dict" parameter's (field, type), all required
+    items: str = ""  # an "array" parameter's item type
+
+    def spec(self) -> dict:
+        """The BFCL-style schema of the parameter."""
+        if self.type == "dict":
+            return {
+                "type": "dict",
+                "properties": {f: {"type": t} for f, t in self.fields},
+                "required": [f for f, _ in self.fields],
+            }
+        if self.type == "array":
+            return {"type": "array", "items": {"type": self.items}}
+        return {"type": self.type}
+
+    def short(self) -> str:
+        """The parameter's type as the signature writes it."""
+        if self.type == "dict":
+            return "{" + ", ".join(f"{f}: {_SHORT_TYPES[t]}" for f, t in self.fields) + "}"
+        if self.type == "array":
+            return f"list[{_SHORT_TYPES[self.items]}]"
+        return _SHORT_TYPES[self.type]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,14 +66,14 @@ class _Function:
             "description": self.description,
             "parameters": {
                 "type": "dict",
-                "properties": {p.name: {"type": p.type} for p in params},
+                "properties": {p.name: p.spec() for p in params},
                 "required": [p.name for p in self.required],
             },
         }
 
     def signature(self) -> str:
-        params = [f"{p.name}: {_SHORT_TYPES[p.type]}" for p in self.required]
-        params += [f"{p.name}?: {_SHORT_TYPES[p.type]}" for p in self.optional]
+        params = [f"{p.name}: {p.short()}" for p in self.required]
+        params += [f"{p.name}?: {p.short()}" for p in self.optional]
         return f"{self.name}({', '.join(params)})"
 
 
@@ -93,6 +118,42 @@ def _flag(rng: random.Random) -> tuple[str, list]:
     return "", [True]
 
 
+def _and(words: list[str]) -> str:
+    """ "a", "a and b", "a, b and c"."""
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def _names(lo: int, hi: int) -> Draw:
+    """A list of distinct names said as "Ana, Ben and Mia", in that order."""
+
+    def draw(rng: random.Random) -> tuple[str, list]:
+        names = rng.sample(_PEOPLE, rng.randint(lo, hi))
+        return _and(names), [names]
+
+    return draw
+
+
+def _hours(rng: random.Random) -> tuple[str, list]:
+    """A list of 2-3 increasing hours said as "7, 12 and 19"."""
+    hours = sorted(rng.sample(range(24), rng.randint(2, 3)))
+    return _and([str(h) for h in hours]), [hours]
+
+
+def _record(say: str, **draws: Draw) -> Draw:
+    """An object whose fields are drawn by `draws`, said as `say` formatted with the fields'
+    phrases ("{street} in {city}")."""
+
+    def draw(rng: random.Random) -> tuple[str, list]:
+        said, value = {}, {}
+        for field, d in draws.items():
+            said[field], options = d(rng)
+            value[field] = options[0]
+        return say.format(**said), [value]
+
+    return draw
+
+
+_PEOPLE = ("Ana", "Ben", "Mia", "Omar", "Kim", "Leo", "Sara", "Raj")
 _CITIES = _aliases(
     {
         "Paris": (), "London": (), "Tokyo": (), "Berlin": (), "Madrid": (), "Rome": (),
@@ -334,5 +395,98 @@ FUNCTIONS = (
             _Param(name="destination", type="string", draw=_CITIES),
         ),
         optional=(_Param(name="unit", type="string", draw=_pick("km", "miles"), clause=" in {v}"),),
+    ),
+)
+
+_DATES = _pick("2025-03-01", "2025-06-15", "2025-09-30", "2025-12-24")
+
+NESTED_FUNCTIONS = (
+    _Function(
+        name="create_event",
+        description="Put an event in the calendar.",
+        requests=(
+            "Create an event called {title} on {when}{opt}.",
+            "Schedule {title} for {when}{opt}.",
+        ),
+        required=(
+            _Param(name="title", type="string", draw=_pick("standup", "dentist", "yoga", "review")),
+            _Param(
+                name="when",
+                type="dict",
+                draw=_record("{date} at hour {hour}", date=_DATES, hour=_int(6, 20)),
+                fields=(("date", "string"), ("hour", "integer")),
+            ),
+        ),
+        optional=(
+            _Param(
+                name="attendees",
+                type="array",
+                items="string",
+                draw=_names(1, 3),
+                clause=" with {v}",
+            ),
+        ),
+    ),
+    _Function(
+        name="ship_package",
+        description="Send a parcel to an address.",
+        requests=(
+            "Ship a {weight} kg package to {address}{opt}.",
+            "Send {weight} kg to {address}{opt}.",
+        ),
+        required=(
+            _Param(name="weight", type="float", draw=_amount(1, 30)),
+            _Param(
+                name="address",
+                type="dict",
+                draw=_record(
+                    "{street} in {city}",
+                    street=_pick("Oak Street", "Main Street", "Hill Road", "Park Lane"),
+                    city=_pick("Paris", "Oslo", "Lima", "Rome", "Seoul"),
+                ),
+                fields=(("street", "string"), ("city", "string")),
+            ),
+        ),
+        optional=(_Param(name="express", type="boolean", draw=_flag, clause=" by express"),),
+    ),
+    _Function(
+        name="message_group",
+        description="Send one text message to several people.",
+        requests=("Text {recipients} saying '{text}'.", "Send '{text}' to {recipients}."),
+        required=(
+            _Param(name="recipients", type="array", items="string", draw=_names(2, 4)),
+            _Param(name="text", type="string", draw=_pick("running late", "on my way", "call me")),
+        ),
+    ),
+    _Function(
+        name="schedule_device",
+        description="Switch a device on at given hours.",
+        requests=("Turn on the {device} at {hours} o'clock every day.",),
+        required=(
+            _Param(name="device", type="string", draw=_pick("heater", "fan", "sprinkler", "radio")),
+            _Param(name="hours", type="array", items="integer", draw=_hours),
+        ),
+    ),
+    _Function(
+        name="search_products",
+        description="Find products in a price range.",
+        requests=("Show me {category} priced {price} dollars{opt}.",),
+        required=(
+            _Param(name="category", type="string", draw=_pick("shoes", "lamps", "tents", "books")),
+            _Param(
+                name="price",
+                type="dict",
+                draw=_record("from {low} to {high}", low=_int(5, 50), high=_int(60, 400)),
+                fields=(("low", "integer"), ("high", "integer")),
+            ),
+        ),
+        optional=(
+            _Param(
+                name="sort_by",
+                type="string",
+                draw=_pick("price", "rating"),
+                clause=", sorted by {v}",
+            ),
+        ),
     ),
 )
