@@ -127,6 +127,8 @@ def test_learning_curve_from_one_run(tmp_path):
     history = saved["history"]["arith"]
     assert [h["step"] for h in history["sun"]] == [1, 2, 3] and set(history) == {"full", "sun"}
     assert os.path.getsize(tmp_path / "r" / "curve.png") > 1000
+    progress = json.load(open(tmp_path / "r" / "progress.json"))
+    assert progress["arith"]["sun"]["2"]["accuracy"] == curve["sun"]["2"]
     md = open(tmp_path / "r" / "report.md").read()
     assert "sun − full" in md and "Learning curve" in md
 
