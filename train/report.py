@@ -95,8 +95,9 @@ def _save_progress(out: str, results: dict) -> None:
     machine still leaves its curve behind."""
     os.makedirs(out, exist_ok=True)
     keep = ("accuracy", "first_token", "first_acc", "rest_acc", "first_nll", "rest_nll")
+    point = lambda r: {k: r[k] for k in keep if k in r}  # token metrics may be off
     done = {
-        t: {c: {s: {k: r[k] for k in keep} for s, r in cs.items()} for c, cs in by.items()}
+        t: {c: {s: point(r) for s, r in cs.items()} for c, cs in by.items()}
         for t, by in results.items()
     }
     with open(os.path.join(out, "progress.json"), "w") as f:
@@ -379,7 +380,11 @@ def markdown(report: dict) -> str:
                 cells = [_pct(by_step[s]) if s in by_step else "" for s in steps]
                 lines.append(f"| {task} | {c} | {' | '.join(cells)} |")
     tokens = report.get("token_curve", {})
-    if tokens:
+    has_tokens = any(  # off with token_stats=False: only the greedy first token is there
+        "first_acc" in point for cols in tokens.values() for steps in cols.values()
+        for point in steps.values()
+    )  # fmt: skip
+    if has_tokens:
         lines += [
             "",
             "Where the errors are (last step, test targets): greedy first token = the first "

@@ -14,7 +14,15 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path, monkeypatch, capsys):
         steps=3, n_docs=64, cache_dir=str(tmp_path / "base"), progress=False
     )
     monkeypatch.setattr(base, "load_base", lambda name: (cfg, params, tok, "tiny"))
-    toy = dict(steps=1, batch_size=4, learning_rate=1e-3, n_train=16)
+    # the real recipe's switches, at toy size
+    toy = dict(
+        steps=1,
+        batch_size=4,
+        learning_rate={"arith": 1e-3, "code": 1e-3, "tool": 2e-3},
+        n_train=16,
+        scan_train=True,
+        token_stats=False,
+    )
     monkeypatch.setitem(demo.RECIPES, "tiny", toy)
     out = tmp_path / "demo"
     argv = ["--model", "tiny", "--out", str(out), "--n-test", "2", "--requests", "6"]
