@@ -141,6 +141,23 @@ class _Live:
     on_text: StreamCallback | None
 
 
+def check_request(sched, request: Request) -> None:
+    """What every scheduler (in-process or cluster frontend) checks before queueing
+    ``request``: ValueError naming the offending value."""
+    if request.model not in sched.prefill_params:
+        raise ValueError(f"unknown model {request.model!r}; known: {sorted(sched.prefill_params)}")
+    if request.id in sched.results or any(live.request.id == request.id for live in sched._all()):
+        raise ValueError(f"duplicate request id {request.id!r}")
+    sched.engine.check_prompt(request.prompt, request.max_tokens)
+    sampling_params(
+        temperature=request.temperature, top_k=request.top_k, top_p=request.top_p, seed=request.seed
+    )
+    if request.stop and sched.tokenizer is None:
+        raise ValueError(f"stop={request.stop} needs a tokenizer")
+    if request.logprobs is not None and not 0 <= request.logprobs <= TOP_LOGPROBS:
+        raise ValueError(f"logprobs={request.logprobs} must lie in [0, {TOP_LOGPROBS}]")
+
+
 class Scheduler:
     """Requests in, results (and streamed text) out, over one ``DecodePool``.
 
@@ -183,23 +200,7 @@ class Scheduler:
     # -- requests in ---------------------------------------------------------------------
     def validate(self, request: Request) -> None:
         """ValueError naming the offending value; the scheduler is unchanged."""
-        if request.model not in self.prefill_params:
-            raise ValueError(
-                f"unknown model {request.model!r}; known: {sorted(self.prefill_params)}"
-            )
-        if request.id in self.results or any(live.request.id == request.id for live in self._all()):
-            raise ValueError(f"duplicate request id {request.id!r}")
-        self.engine.check_prompt(request.prompt, request.max_tokens)
-        sampling_params(
-            temperature=request.temperature,
-            top_k=request.top_k,
-            top_p=request.top_p,
-            seed=request.seed,
-        )
-        if request.stop and self.tokenizer is None:
-            raise ValueError(f"stop={request.stop} needs a tokenizer")
-        if request.logprobs is not None and not 0 <= request.logprobs <= TOP_LOGPROBS:
-            raise ValueError(f"logprobs={request.logprobs} must lie in [0, {TOP_LOGPROBS}]")
+        check_request(self, request)
         self.router.workers_for(request.model)
 
     def submit(

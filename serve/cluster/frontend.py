@@ -28,10 +28,9 @@ import numpy as np
 
 from serve.cluster import wire
 from serve.cluster.config import ClusterConfig
-from serve.engine import Engine, EngineConfig, Logprobs, sampling_params
+from serve.engine import Engine, EngineConfig, Logprobs
 from serve.router import LeastLoaded, ModelAffine
 from serve.scheduler import (
-    TOP_LOGPROBS,
     Detokenizer,
     QueueFull,
     Request,
@@ -39,6 +38,7 @@ from serve.scheduler import (
     StreamCallback,
     Tokenizer,
     _Live,
+    check_request,
     finish_live,
     record_token,
 )
@@ -180,23 +180,7 @@ class ClusterScheduler:
     # -- requests in -------------------------------------------------------------------------
     def validate(self, request: Request) -> None:
         """ValueError naming a bad value; APIError 503 when no live instance can serve it."""
-        if request.model not in self.prefill_params:
-            raise ValueError(
-                f"unknown model {request.model!r}; known: {sorted(self.prefill_params)}"
-            )
-        if request.id in self.results or any(live.request.id == request.id for live in self._all()):
-            raise ValueError(f"duplicate request id {request.id!r}")
-        self.engine.check_prompt(request.prompt, request.max_tokens)
-        sampling_params(
-            temperature=request.temperature,
-            top_k=request.top_k,
-            top_p=request.top_p,
-            seed=request.seed,
-        )
-        if request.stop and self.tokenizer is None:
-            raise ValueError(f"stop={request.stop} needs a tokenizer")
-        if request.logprobs is not None and not 0 <= request.logprobs <= TOP_LOGPROBS:
-            raise ValueError(f"logprobs={request.logprobs} must lie in [0, {TOP_LOGPROBS}]")
+        check_request(self, request)
         why = self._unservable(request.model)
         if why:
             raise APIError(503, why, code="instance_unavailable", headers={"Retry-After": "1"})
