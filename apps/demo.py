@@ -32,6 +32,7 @@ RECIPES = {
     "tiny": dict(steps=150, batch_size=16, learning_rate=2e-3, n_train=2000),
 }
 WORKERS, SLOTS = 4, 4
+OUTPUT_LEN = (6, 18)  # tokens per serving request, EOS ignored
 MAX_WORKERS = 12  # the conventional layout is grown up to this many workers to match SUN
 # SmolLM2's chat template adds this system turn when a chat has none (21 tokens per prompt)
 DEFAULT_SYSTEM = (
@@ -53,10 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2", choices=sorted(RECIPES))
     p.add_argument("--steps", type=int, help="fine-tuning steps per module (default: recipe)")
     p.add_argument("--n-test", type=int, default=50, help="held-out test examples per task")
-    p.add_argument("--requests", type=int, default=48, help="requests per serving run")
+    p.add_argument("--requests", type=int, default=32, help="requests per serving run")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
+    stages: dict[str, float] = {}
+
+    def stage(name: str) -> None:  # the wall time since the previous stage ended
+        stages[name] = time.perf_counter() - t0 - sum(stages.values())
+        print(f"      ({name}: {stages[name]:.0f} s)", flush=True)
 
     from serve.pool import ensure_cpu_devices
 
@@ -77,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[1/4] base model: {args.model}", flush=True)
     cfg, base, tok, tok_source = load_base(args.model)
     drop_default_system(tok)
+    stage("base model")
 
     print(
         f"[2/4] fine-tuning 3 tasks x (full FT, SUN), {recipe['steps']} steps of "
@@ -92,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         **recipe,
     )
     trained = report["_trained"]
+    stage("fine-tuning and evaluation")
 
     print("[3/4] exporting the shared decode tree and the task prefill modules (Orbax)")
     export_dir = os.path.join(out, "export")
@@ -104,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer=tok,
         metadata={"recipe": recipe, "accuracy": report["accuracy"]},
     )
+    stage("export")
 
     print("[4/4] serving the same requests: SUN shared decode pool vs per-model workers")
     models = Models(
@@ -122,11 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         workers=WORKERS,
         slots_per_worker=SLOTS,
         requests=args.requests,
-        max_len=max(len(p) for ps in prompts.values() for p in ps) + 32,
+        output_len=OUTPUT_LEN,
+        max_len=max(len(p) for ps in prompts.values() for p in ps) + OUTPUT_LEN[1] + 1,
         max_conventional_workers=MAX_WORKERS,
         seed=args.seed,
     )
     table = serving_table.compare(models, prompts, setup)
+    stage("serving")
+    table["stage_seconds"] = stages
     serving_table.write(table, os.path.join(out, "serve"))
 
     print()
@@ -167,7 +179,9 @@ def closing(report, table, recipe, model, vdir, out, seconds) -> str:
     lines += [
         f"Written: {out}/report (accuracy), {vdir} (export), {out}/serve (serving table, plot).",
         f"Serve the export: sunjax serve --export {os.path.dirname(vdir)}",
-        f"Total time: {seconds / 60:.1f} min.",
+        f"Total time: {seconds / 60:.1f} min ("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in table.get("stage_seconds", {}).items())
+        + ").",
     ]
     return "\n".join(lines)
 

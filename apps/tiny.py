@@ -13,6 +13,7 @@ from sunjax import hub
 from sunjax.config import ModelConfig
 from sunjax.export import export
 from sunjax.model import init_params
+from sunjax.quant.rtn import quantize_tree
 from sunjax.tokenizer import load_tokenizer
 
 TINY = ModelConfig(
@@ -28,11 +29,16 @@ TINY = ModelConfig(
 )
 
 
-def tiny_export(root: str, tasks: tuple[str, ...] = ("math", "code"), seed: int = 0) -> str:
+def tiny_export(
+    root: str, tasks: tuple[str, ...] = ("math", "code"), seed: int = 0, *, qsun: bool = False
+) -> str:
     """Write an export under ``root``: decode tree ``PRNGKey(seed)``, every task module its
-    own random init keyed by its name (so a test can tell which tree ran). Returns the
+    own random init keyed by its name (so a test can tell which tree ran). ``qsun`` quantizes
+    the decode tree to int4 (round-to-nearest, groups of 32): a QSUN export. Returns the
     version directory."""
     decode = init_params(TINY, jax.random.PRNGKey(seed))
+    if qsun:
+        decode = quantize_tree(TINY, decode, bits=4, group_size=32)
     prefill = {t: init_params(TINY, jax.random.PRNGKey(zlib.crc32(t.encode()))) for t in tasks}
     tok = load_tokenizer(hub.resolve("smollm2"))
     return export(root, TINY, decode, prefill, tokenizer_source="smollm2", tokenizer=tok)

@@ -161,7 +161,8 @@ def run_report(
     need = _needs(columns)
     results: dict[str, dict] = {}  # task -> column -> step -> evaluate() + token_metrics()
     histories: dict[str, dict] = {}
-    seconds: dict[str, float] = {}
+    seconds: dict[str, float] = {}  # per task: training and evaluation
+    eval_seconds: dict[str, float] = {}  # per task: evaluation alone
     trained = {}
     for name, task in TASKS.items():
         if tasks and name not in tasks:
@@ -185,12 +186,14 @@ def run_report(
         t0 = time.perf_counter()
         res = results[name] = {c: {} for c in columns}
 
-        def score(col: str, step: int, prefill, decode, test=test, enc=enc, res=res) -> float:
+        def score(col, step, prefill, decode, test=test, enc=enc, res=res, name=name) -> float:
+            start = time.perf_counter()
             r = evaluate(cfg, prefill, decode, tok, test, max_new_tokens=enc.response_len)
             if token_stats:
                 r.update(token_metrics(cfg, prefill, decode, tok, test))
             res[col][step] = r
             _save_progress(out, results)
+            eval_seconds[name] = eval_seconds.get(name, 0.0) + time.perf_counter() - start
             return r["accuracy"]
 
         def fit(module: str, decode, desc: str, tc=tc, enc=enc, name=name):
@@ -262,6 +265,7 @@ def run_report(
         },
         "history": histories,
         "seconds": seconds,
+        "eval_seconds": eval_seconds,
     }
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "report.json"), "w") as f:

@@ -101,14 +101,13 @@ async def _one(client: httpx.AsyncClient, arrival: Arrival, start: float) -> tup
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{req.id}: HTTP {r.status_code} {await r.aread()}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        async for line in r.aiter_lines():  # parse only the usage frame: the client shares
+            if not line.startswith("data: ") or line == "data: [DONE]":  # the server's CPU
                 continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif first is None:
+            if first is None:
                 first = time.perf_counter()
+            if '"usage":{' in line:
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
     end = time.perf_counter()
     return tokens, first - sent, (end - first) / (tokens - 1) if tokens > 1 else None, end
 

@@ -366,14 +366,27 @@ def build_app(
         return JSONResponse(render.whole(sub, created, chunks).model_dump())
 
     async def events(sub: Submission) -> AsyncIterator[Chunk]:
-        """A submission's chunks as they come, until every choice has finished."""
+        """A submission's chunks as they come, until every choice has finished. Whatever
+        arrived since the last read is merged per choice: a stream that fell behind the engine
+        catches up in one frame per choice instead of one per decode step."""
         left = len(sub.ids)
         while left:
-            event = await sub.events.get()
-            if isinstance(event, APIError):
-                raise event
-            left -= event.finish_reason is not None
-            yield event
+            batch = [await sub.events.get()]
+            while not sub.events.empty():
+                batch.append(sub.events.get_nowait())
+            merged: dict[int, Chunk] = {}
+            error = None
+            for event in batch:
+                if isinstance(event, APIError):
+                    error = event
+                    break
+                before = merged.get(event.index)
+                merged[event.index] = event if before is None else before.then(event)
+            for chunk in merged.values():
+                left -= chunk.finish_reason is not None
+                yield chunk
+            if error is not None:
+                raise error
 
     async def stream_events(sub: Submission, body_of) -> AsyncIterator[str]:
         """SSE frames: each chunk rendered by ``body_of``; an error after the stream started

@@ -41,6 +41,17 @@ class Chunk:
     top_logprobs: list[list[tuple[int, float]]]
     finish_reason: str | None = None  # set on a choice's last chunk
 
+    def then(self, later: Chunk) -> Chunk:
+        """This chunk followed by ``later`` (the same choice's next chunk), as one."""
+        return Chunk(
+            index=self.index,
+            text=self.text + later.text,
+            tokens=self.tokens + later.tokens,
+            logprobs=self.logprobs + later.logprobs,
+            top_logprobs=self.top_logprobs + later.top_logprobs,
+            finish_reason=later.finish_reason,
+        )
+
 
 @dataclasses.dataclass
 class Submission:

@@ -74,6 +74,39 @@ def test_top_p_keeps_only_the_nucleus():
     assert draws == {0, 1}
 
 
+def _kept_by_sorting(x: np.ndarray, top_k: int, top_p: float) -> set[int]:
+    """The nucleus as a descending sort defines it (the oracle for the sort-free cut)."""
+    order = np.argsort(-x, kind="stable")
+    k = top_k or len(x)
+    kth = x[order[k - 1]]
+    kept = [i for i in order if x[i] >= kth]
+    if top_p >= 1:  # no nucleus cut (a float cumsum reaches 1 before the last tiny tokens)
+        return set(kept)
+    p = np.exp(x[kept] - x[kept].max())
+    p /= p.sum()
+    before = np.cumsum(p) - p
+    return {i for i, b in zip(kept, before, strict=True) if b < top_p}
+
+
+def test_sort_free_cut_keeps_what_sorting_keeps():
+    from sunjax.sampling import _cut
+
+    rng = np.random.default_rng(0)
+    B, V = 12, 3000
+    x = rng.normal(size=(B, V)).astype(np.float32) * rng.uniform(0.5, 8, size=(B, 1))
+    x[0, :50] = x[0, 0]  # ties at the cut
+    x[1, 100:] = -np.inf  # masked entries
+    x[2] = np.round(x[2])  # many ties
+    top_k = np.array([0, 5, 1, 50, 0, 0, 2999, 3000, 7, 0, 40, 0])
+    top_p = np.array([0.9, 1, 1, 0.95, 0.3, 0.999, 1, 0.5, 0.2, 1e-6, 1, 1.0])
+    sp = SamplingParams.create(B, temperature=1.0, top_k=top_k, top_p=top_p)
+    cut = np.asarray(_cut(jnp.asarray(x), sp))
+    for b in range(B):
+        kept = set(np.flatnonzero(np.isfinite(cut[b])).tolist())
+        want = _kept_by_sorting(x[b], int(top_k[b]), float(top_p[b]))
+        assert kept == want, (b, len(kept), len(want))
+
+
 def test_bucket_lengths():
     assert [bucket(n) for n in (1, 8, 9, 13, 17, 25, 37, 49, 65, 97)] == [
         8, 8, 12, 16, 24, 32, 48, 64, 96, 128
