@@ -227,7 +227,7 @@ class Scheduler:
             if config.paged
             else None
         )  # [W * B, M], host truth; pushed to the device before a step when changed
-        self._table_dirty = False
+        self._table_dirty = config.paged  # the pool may hold an earlier scheduler's rows
 
     # -- requests in ---------------------------------------------------------------------
     def validate(self, request: Request) -> None:
@@ -380,7 +380,7 @@ class Scheduler:
     def _spare_pages(self) -> list[int]:
         """Per worker: free pages left once its live sequences have grown for the next step."""
         spare = [a.num_free for a in self.allocators]
-        for slot in np.flatnonzero(self.active):
+        for slot in np.flatnonzero(self.active) if self.allocators else ():
             live, w = self.slots[slot], slot // self.pool.config.slots_per_worker
             need = live.cached_after_step()
             spare[w] -= self.allocators[w].pages_needed(live.request.id, need)
