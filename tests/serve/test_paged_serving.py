@@ -162,3 +162,21 @@ def test_500_requests_with_cancellations_leak_no_page(tiny, paged_sun_pool):
     for alloc in sched.allocators:
         alloc.check()
         assert len(alloc) == 0 and alloc.num_free == alloc.capacity
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"num_pages": 10}, "num_pages=10 needs a page_size"),
+        ({"page_size": 0}, "page_size=0"),
+        ({"page_size": 4, "num_pages": 16}, "num_pages=16 cannot hold one sequence"),
+    ],
+)
+def test_paged_config_errors_name_the_value(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        EngineConfig(max_len=64, **kwargs)
+
+
+def test_paged_config_default_pages_fit_every_slot():
+    config = EngineConfig(slots_per_worker=3, max_len=64, page_size=16)
+    assert (config.pages_per_seq, config.num_pages) == (4, 13)
