@@ -13,6 +13,13 @@ Letters: B decode slots, T bucketed prompt length, S cache positions, V vocab.
   and the top ``TOP_LOGPROBS`` alternatives (``Logprobs``), computed inside the step from the
   distribution the token was drawn from (``sunjax.sampling.sampled_logprobs``).
 
+Paged cache (``EngineConfig(page_size=..., num_pages=...)``): prefill stays dense and
+bucketed; ``insert`` writes the batch-1 prefix onto the slot's pages (``page_row`` from the
+caller's ``PageAllocator``, ``Engine.allocator``) and ``generate`` writes and attends
+through the page table (``sunjax.paged``, ``kernels_pallas.paged_attention``). The caller
+extends each live sequence's pages before a step and keeps freed slots' rows null
+(``serve.scheduler`` does both); ``read_prefix`` copies a slot back out (preemption).
+
 Compiled shapes depend only on the prompt bucket and the slot count, never on a request, so
 serving many requests of varied lengths compiles ``prefill`` once per bucket and the rest once
 (``sunjax.count_compiles`` checks it). The steps are ``sunjax.steps``' prefill-and-sample and
