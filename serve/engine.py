@@ -13,6 +13,13 @@ Letters: B decode slots, T bucketed prompt length, S cache positions, V vocab.
   and the top ``TOP_LOGPROBS`` alternatives (``Logprobs``), computed inside the step from the
   distribution the token was drawn from (``sunjax.sampling.sampled_logprobs``).
 
+Paged cache (``EngineConfig(page_size=..., num_pages=...)``): prefill stays dense and
+bucketed; ``insert`` writes the batch-1 prefix onto the slot's pages (``page_row`` from the
+caller's ``PageAllocator``, ``Engine.allocator``) and ``generate`` writes and attends
+through the page table (``sunjax.paged``, ``kernels_pallas.paged_attention``). The caller
+extends each live sequence's pages before a step and keeps freed slots' rows null
+(``serve.scheduler`` does both); ``read_prefix`` copies a slot back out (preemption).
+
 Compiled shapes depend only on the prompt bucket and the slot count, never on a request, so
 serving many requests of varied lengths compiles ``prefill`` once per bucket and the rest once
 (``sunjax.count_compiles`` checks it). The steps are ``sunjax.steps``' prefill-and-sample and
@@ -33,6 +40,7 @@ from jaxtyping import Array, Bool, Float, Int
 from sunjax.cache import KVCache
 from sunjax.config import ModelConfig
 from sunjax.generate import bucket
+from sunjax.paged import PageAllocator, PagedKVCache, pages_for
 from sunjax.sampling import SamplingParams, sampled_logprobs
 from sunjax.steps import decode_and_sample, prefill_and_sample
 
@@ -45,12 +53,20 @@ class EngineConfig:
     """The decode slots and the cache: one config for an engine and for a decode pool.
 
     ``workers`` decode workers (1 for a lone engine) of ``slots_per_worker`` slots each, every
-    slot a cache of ``max_len`` positions; prompts pad to buckets of at least ``min_bucket``."""
+    slot a cache of ``max_len`` positions; prompts pad to buckets of at least ``min_bucket``.
+
+    ``page_size`` None: a dense cache (``[B, K, max_len, H]`` per layer).  Otherwise a
+    ``PagedKVCache``: each worker owns a pool of ``num_pages`` pages of ``page_size`` tokens
+    (page 0 the null page; default: enough for every slot at ``max_len``) that its slots
+    share, so fewer pages than that admit more slots than dense memory would, and the
+    scheduler preempts when they run out."""
 
     workers: int = 1
     slots_per_worker: int = 8
     max_len: int = 256
     min_bucket: int = 8
+    page_size: int | None = None
+    num_pages: int | None = None
 
     def __post_init__(self):
         if self.workers < 1:
@@ -59,11 +75,33 @@ class EngineConfig:
             raise ValueError(f"slots_per_worker={self.slots_per_worker} must be >= 1")
         if self.min_bucket < 1 or self.max_len < self.min_bucket:
             raise ValueError(f"need 1 <= min_bucket={self.min_bucket} <= max_len={self.max_len}")
+        if self.page_size is None:
+            if self.num_pages is not None:
+                raise ValueError(f"num_pages={self.num_pages} needs a page_size (None: dense)")
+            return
+        if self.page_size < 1:
+            raise ValueError(f"page_size={self.page_size} must be >= 1")
+        if self.num_pages is None:  # room for every slot at max_len: never preempts
+            object.__setattr__(self, "num_pages", self.slots_per_worker * self.pages_per_seq + 1)
+        if self.num_pages - 1 < self.pages_per_seq:
+            raise ValueError(
+                f"num_pages={self.num_pages} cannot hold one sequence of max_len={self.max_len} "
+                f"({self.pages_per_seq} pages of {self.page_size} + the null page)"
+            )
 
     @property
     def slots(self) -> int:
         """Slots over all workers."""
         return self.workers * self.slots_per_worker
+
+    @property
+    def paged(self) -> bool:
+        return self.page_size is not None
+
+    @property
+    def pages_per_seq(self) -> int:
+        """Page-table width M (paged only)."""
+        return pages_for(self.max_len, self.page_size)
 
 
 @jax.tree_util.register_dataclass
@@ -103,15 +141,30 @@ class Prefix:
 class DecodeState:
     """Everything one decode step reads and writes, one row per slot."""
 
-    cache: KVCache  # [B, K, S, H] per layer, lengths [B]
+    cache: KVCache | PagedKVCache  # [B, K, S, H] per layer or pools [K, A, P, H]; lengths [B]
     tokens: Int[Array, " B"]  # each slot's last token: the input of the next step
     sampling: SamplingParams  # [B] per-slot settings
     active: Bool[Array, " B"]  # slots holding a live request
 
 
-def init_decode_state(cfg: ModelConfig, slots: int, max_len: int) -> DecodeState:
+def init_cache(cfg: ModelConfig, config: EngineConfig) -> KVCache | PagedKVCache:
+    """The decode cache of all ``config.slots`` slots.  Paged: worker ``w``'s pool is rows
+    ``w * K .. (w + 1) * K - 1`` of each ``[W * K, A, P, H]`` layer array, so sharding
+    every leaf's first axis over the workers gives each its own ``[K, A, P, H]`` pool."""
+    if not config.paged:
+        return cfg.init_cache(config.slots, config.max_len)
+    one = cfg.init_paged_cache(
+        config.slots, config.max_len, num_pages=config.num_pages, page_size=config.page_size
+    )
+    tile = lambda pages: jnp.tile(pages, (config.workers, 1, 1, 1))
+    return dataclasses.replace(one, k=tuple(map(tile, one.k)), v=tuple(map(tile, one.v)))
+
+
+def init_decode_state(cfg: ModelConfig, config: EngineConfig) -> DecodeState:
+    """Empty decode state of all ``config.slots`` slots."""
+    slots = config.slots
     return DecodeState(
-        cache=cfg.init_cache(slots, max_len),
+        cache=init_cache(cfg, config),
         tokens=jnp.zeros((slots,), jnp.int32),
         sampling=SamplingParams.create(slots),
         active=jnp.zeros((slots,), bool),
@@ -140,10 +193,22 @@ def prefill_step(
     return cache, token, token_logprobs(logits, sampling, token)
 
 
-def insert_step(prefix: Prefix, state: DecodeState, slot: Int[Array, ""]) -> DecodeState:
+def insert_step(
+    prefix: Prefix,
+    state: DecodeState,
+    slot: Int[Array, ""],
+    page_row: Int[Array, " M"] | None = None,
+) -> DecodeState:
+    """Put ``prefix`` into ``slot`` (paged: onto the pages ``page_row``) and activate it."""
     put = lambda dst, src: jax.lax.dynamic_update_slice(dst, src.astype(dst.dtype), (slot,))
+    if isinstance(state.cache, PagedKVCache):
+        if page_row is None:
+            raise ValueError("inserting into a paged cache needs the slot's page_row")
+        cache = state.cache.insert(prefix.cache, slot, page_row)
+    else:
+        cache = state.cache.insert(prefix.cache, slot)
     return DecodeState(
-        cache=state.cache.insert(prefix.cache, slot),
+        cache=cache,
         tokens=state.tokens.at[slot].set(prefix.token),
         sampling=jax.tree.map(put, state.sampling, prefix.sampling),
         active=state.active.at[slot].set(True),
@@ -172,6 +237,7 @@ def decode_step(
 
 _prefill = jax.jit(prefill_step, static_argnums=0)
 _insert = jax.jit(insert_step, donate_argnums=1)
+_read_prefix = jax.jit(PagedKVCache.read_prefix, static_argnums=3)
 _generate = jax.jit(decode_step, static_argnums=0, donate_argnums=2)
 _generate_logprobs = jax.jit(decode_step_logprobs, static_argnums=0, donate_argnums=2)
 
@@ -197,7 +263,14 @@ class Engine:
 
     def init_decode_state(self) -> DecodeState:
         """The decode state of one worker (``slots_per_worker`` slots)."""
-        return init_decode_state(self.cfg, self.config.slots_per_worker, self.config.max_len)
+        return init_decode_state(self.cfg, dataclasses.replace(self.config, workers=1))
+
+    def allocator(self) -> PageAllocator:
+        """A host page allocator for one worker's pool (paged configs only)."""
+        c = self.config
+        if not c.paged:
+            raise ValueError("allocator() needs a paged EngineConfig (page_size is None)")
+        return PageAllocator(c.num_pages, c.page_size, c.pages_per_seq)
 
     def bucket(self, n: int) -> int:
         return min(bucket(n, self.config.min_bucket), self.config.max_len)
@@ -243,9 +316,22 @@ class Engine:
             model=model,
         )
 
-    def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState:
-        """Put ``prefix`` into decode slot ``slot``; ``state`` is donated."""
-        return _insert(dataclasses.replace(prefix, model=""), state, jnp.int32(slot))
+    def insert(
+        self, prefix: Prefix, state: DecodeState, slot: int, page_row: np.ndarray | None = None
+    ) -> DecodeState:
+        """Put ``prefix`` into decode slot ``slot`` (paged: onto the pages ``page_row``
+        [M], from ``PageAllocator.page_row``); ``state`` is donated."""
+        row = None if page_row is None else jnp.asarray(page_row, jnp.int32)
+        return _insert(dataclasses.replace(prefix, model=""), state, jnp.int32(slot), row)
+
+    def read_prefix(
+        self, state: DecodeState, slot: int, page_row: np.ndarray, length: int
+    ) -> KVCache:
+        """Slot ``slot``'s ``length`` cached tokens (on pages ``page_row``) as a batch-1
+        dense cache padded to a prompt bucket: what preemption swaps to the host and
+        ``insert`` writes back (one compile per bucket, as prefill)."""
+        n = self.bucket(length)
+        return _read_prefix(state.cache, jnp.int32(slot), jnp.asarray(page_row, jnp.int32), n)
 
     def generate(self, params: Params, state: DecodeState) -> tuple[DecodeState, jax.Array]:
         """One decode step of every slot with ``params``; ``state`` is donated."""

@@ -11,6 +11,11 @@ Letters: W workers, B slots per worker (W * B slots in all, sharded over ``"work
 The step is ``Engine.generate`` inside ``shard_map``. KV hand-off: ``insert``
 puts the prefix on the target worker's device (``jax.device_put``) and runs ``Engine.insert``
 on that worker's shard of the decode state alone.
+
+Paged (``EngineConfig.page_size``): every worker owns its own page pool (``engine.init_cache``
+lays the pools along the first axis, sharded like the slots); the scheduler keeps one host
+``PageAllocator`` per worker, pushes the page table with ``set_page_table`` and swaps a
+preempted sequence out with ``read_prefix``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from serve.engine import DecodeState, Engine, EngineConfig, Logprobs, Params, Prefix
 from serve.engine import init_decode_state as _init_state
+from sunjax.cache import KVCache
 from sunjax.config import ModelConfig
 
 AXIS = "workers"
@@ -83,7 +89,7 @@ class DecodePool:
         else:
             self.params = jax.tree.map(self._stack, *worker_params)
             param_spec = P(AXIS)
-        state = _init_state(cfg, config.slots, config.max_len)
+        state = _init_state(cfg, config)
         self.state: DecodeState = jax.device_put(state, self.sharded)
 
         shared, engine = self.shared, self.engine
@@ -128,20 +134,42 @@ class DecodePool:
         self.state, out = self._step_logprobs(self.params, self.state)
         return jax.device_get(out)
 
-    def insert(self, prefix: Prefix, worker: int, slot: int) -> None:
-        """Hand ``prefix`` to ``worker`` and put it in that worker's local slot ``slot``."""
-        device = self.devices[worker]
-        prefix = jax.device_put(dataclasses.replace(prefix, logprobs=None), device)
+    def _local(self, worker: int) -> tuple[DecodeState, list[dict]]:
+        """Worker ``worker``'s shard of the decode state, and every leaf's shards by device."""
         leaves, treedef = jax.tree.flatten(self.state)
         shards = [{s.device: s.data for s in a.addressable_shards} for a in leaves]
-        local = treedef.unflatten([parts[device] for parts in shards])
-        local = self.engine.insert(prefix, local, slot)  # donates this worker's shard only
+        device = self.devices[worker]
+        return treedef.unflatten([parts[device] for parts in shards]), shards
+
+    def insert(
+        self, prefix: Prefix, worker: int, slot: int, page_row: np.ndarray | None = None
+    ) -> None:
+        """Hand ``prefix`` to ``worker`` and put it in that worker's local slot ``slot``
+        (paged: onto that worker's pages ``page_row``)."""
+        device = self.devices[worker]
+        prefix = jax.device_put(dataclasses.replace(prefix, logprobs=None), device)
+        row = None if page_row is None else jax.device_put(np.asarray(page_row, np.int32), device)
+        local, shards = self._local(worker)
+        local = self.engine.insert(prefix, local, slot, row)  # donates this worker's shard only
+        leaves, treedef = jax.tree.flatten(self.state)
         rebuilt = []
         for a, parts, new in zip(leaves, shards, jax.tree.leaves(local), strict=True):
             parts[device] = new
             arrays = [parts[d] for d in a.sharding.addressable_devices]
             rebuilt.append(jax.make_array_from_single_device_arrays(a.shape, a.sharding, arrays))
         self.state = treedef.unflatten(rebuilt)
+
+    def read_prefix(self, worker: int, slot: int, page_row: np.ndarray, length: int) -> KVCache:
+        """The ``length`` cached tokens of ``worker``'s local slot ``slot`` (its pages
+        ``page_row``), copied to host memory as a batch-1 dense cache (preemption)."""
+        local, _ = self._local(worker)
+        return jax.device_get(self.engine.read_prefix(local, slot, page_row, length))
+
+    def set_page_table(self, table: np.ndarray) -> None:
+        """Replace the page table [W * B, M] (the host allocators are its source of truth)."""
+        rows = jax.device_put(np.asarray(table, np.int32), self.sharded)
+        cache = dataclasses.replace(self.state.cache, page_table=rows)
+        self.state = dataclasses.replace(self.state, cache=cache)
 
     def set_active(self, active: np.ndarray) -> None:
         """Replace the active mask [W * B] (host is the source of truth for freed slots)."""

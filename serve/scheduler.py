@@ -5,6 +5,17 @@ The scheduler is host code around three jitted calls (prefill, insert, the pool 
 decode step of all workers, then finishes slots on an EOS id, a stop string or ``max_tokens``.
 A finished or cancelled request frees its slot at once. Tokenizing, detokenizing and
 bookkeeping never enter the jitted step.
+
+Paged pools (``EngineConfig.page_size``): one host ``PageAllocator`` per worker.  A request
+is admitted where a slot is free and the worker's free pages hold its prompt + 1 token on
+top of what the worker's live sequences need for the coming step.  Before every step each
+live sequence is ``extend``ed to its length after the step (changed page-table rows are
+pushed to the device); where a worker runs out, its most recently admitted sequence is
+preempted: its K/V is copied to host memory (``DecodePool.read_prefix``), its pages are
+freed and it waits at the front of the queue; on resume it gets new pages and its K/V back
+through the same ``insert`` as a prefix, with its last token and its sampling settings, so
+the output is exactly the uninterrupted one (sampling keys depend only on the position).
+Finishing or cancelling frees a sequence's pages.
 """
 
 from __future__ import annotations
@@ -16,11 +27,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from serve.engine import TOP_LOGPROBS, Logprobs, Params, sampling_params
+from serve.engine import TOP_LOGPROBS, Logprobs, Params, Prefix, sampling_params
 from serve.pool import DecodePool
 from serve.router import Router
+from sunjax.cache import KVCache
+from sunjax.paged import NULL_PAGE, OutOfPages, PageAllocator
 
 
 class Tokenizer(Protocol):
@@ -139,6 +153,12 @@ class _Live:
     result: Result
     detok: Detokenizer
     on_text: StreamCallback | None
+    order: int = -1  # admission order (first admission; kept across preemption)
+    swapped: KVCache | None = None  # host copy of the K/V of a preempted request
+
+    def cached_after_step(self) -> int:
+        """Tokens in its cache once the next decode step has written its last token."""
+        return len(self.request.prompt) + max(len(self.result.tokens), 1)
 
 
 def check_request(sched, request: Request) -> None:
@@ -196,6 +216,18 @@ class Scheduler:
         self.results: dict[str, Result] = {}
         self.decode_steps = 0
         self.occupancy_sum = 0.0  # sum over decode steps of the fraction of slots in use
+        self.preemptions = 0
+        self._admitted = 0
+        config = pool.config
+        self.allocators: list[PageAllocator] = (
+            [self.engine.allocator() for _ in range(config.workers)] if config.paged else []
+        )
+        self.page_table = (
+            np.full((pool.slots, config.pages_per_seq), NULL_PAGE, np.int32)
+            if config.paged
+            else None
+        )  # [W * B, M], host truth; pushed to the device before a step when changed
+        self._table_dirty = config.paged  # the pool may hold an earlier scheduler's rows
 
     # -- requests in ---------------------------------------------------------------------
     def validate(self, request: Request) -> None:
@@ -252,6 +284,8 @@ class Scheduler:
     def step(self) -> None:
         """Admit what fits, then one decode step of every worker, then finish slots."""
         self._admit()
+        if self.allocators:
+            self._grow()
         if not self.active.any():
             return
         live = [int(s) for s in np.flatnonzero(self.active)]
@@ -287,6 +321,7 @@ class Scheduler:
 
     def _admit(self) -> None:
         free = self.free_slots()
+        spare = self._spare_pages()
         waiting = list(self.queue)
         budget = self.prefills_per_step if self.active.any() else 0
         for live in waiting:
@@ -294,36 +329,117 @@ class Scheduler:
                 break
             if budget and len(waiting) - len(self.queue) >= budget:
                 break
-            worker = self.router.pick(live.request.model, free)
+            fits = free
+            if self.allocators:  # a free slot on a worker with pages for it
+                need = self.allocators[0].pages_needed(None, live.cached_after_step())
+                fits = [f if need <= p else 0 for f, p in zip(free, spare, strict=True)]
+            worker = self.router.pick(live.request.model, fits)
             if worker is None:
+                if live.swapped is not None:
+                    break  # a preempted request resumes before anything newer starts
                 continue  # this model's workers are full; later requests may fit elsewhere
             self.queue.remove(live)
             req = live.request
-            live.result.admitted_at = self.clock()
             sp = sampling_params(
                 temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed
             )
-            prefix = self.engine.prefill(
-                self.prefill_params[req.model], req.prompt, sp, model=req.model
-            )
             live.result.worker = worker
-            lp = None if req.logprobs is None else jax.device_get(prefix.logprobs)
-            reason = self._append(live, int(prefix.token), lp, 0)
-            if reason:
-                self._finish(live, reason)
-                continue
+            if live.swapped is None:
+                live.result.admitted_at = self.clock()
+                live.order, self._admitted = self._admitted, self._admitted + 1
+                prefix = self.engine.prefill(
+                    self.prefill_params[req.model], req.prompt, sp, model=req.model
+                )
+                lp = None if req.logprobs is None else jax.device_get(prefix.logprobs)
+                reason = self._append(live, int(prefix.token), lp, 0)
+                if reason:
+                    self._finish(live, reason)
+                    continue
+            else:  # resume: the host K/V goes back in as a prefix, with its last token
+                prefix = Prefix(
+                    cache=live.swapped,
+                    token=jnp.int32(live.result.tokens[-1]),
+                    length=jnp.int32(live.cached_after_step() - 1),
+                    sampling=sp,
+                    model=req.model,
+                )
+                live.swapped = None
             B = self.pool.config.slots_per_worker
             local = next(s for s in range(B) if not self.active[worker * B + s])
-            self.pool.insert(prefix, worker, local)
             slot = worker * B + local
+            row = None
+            if self.allocators:
+                alloc = self.allocators[worker]
+                alloc.allocate(req.id, live.cached_after_step())
+                row = self.page_table[slot] = alloc.page_row(req.id)
+                spare[worker] -= len(alloc.pages(req.id))
+            self.pool.insert(prefix, worker, local, row)
             self.slots[slot], self.active[slot] = live, True
             free[worker] -= 1
+
+    def _spare_pages(self) -> list[int]:
+        """Per worker: free pages left once its live sequences have grown for the next step."""
+        spare = [a.num_free for a in self.allocators]
+        for slot in np.flatnonzero(self.active) if self.allocators else ():
+            live, w = self.slots[slot], slot // self.pool.config.slots_per_worker
+            need = live.cached_after_step()
+            spare[w] -= self.allocators[w].pages_needed(live.request.id, need)
+        return spare
+
+    def _grow(self) -> None:
+        """Extend every live sequence to its length after the coming step, oldest first;
+        preempt a worker's most recently admitted sequence while it is out of pages. Pushes
+        the page table and the active mask when they changed."""
+        preempted = False
+        for w, alloc in enumerate(self.allocators):
+            for slot in self._live_on(w):
+                while self.active[slot]:  # until extended, or preempted itself
+                    live = self.slots[slot]
+                    try:
+                        if alloc.extend(live.request.id, live.cached_after_step()):
+                            self.page_table[slot] = alloc.page_row(live.request.id)
+                            self._table_dirty = True
+                        break
+                    except OutOfPages:
+                        self._preempt(self._live_on(w)[-1])
+                        preempted = True
+        if preempted:
+            self.pool.set_active(self.active)
+        if self._table_dirty:
+            self.pool.set_page_table(self.page_table)
+            self._table_dirty = False
+
+    def _live_on(self, worker: int) -> list[int]:
+        """Worker ``worker``'s live slots, in admission order."""
+        B = self.pool.config.slots_per_worker
+        live = [s for s in range(worker * B, (worker + 1) * B) if self.active[s]]
+        return sorted(live, key=lambda s: self.slots[s].order)
+
+    def _preempt(self, slot: int) -> None:
+        """Swap ``slot``'s K/V to host memory, free its pages and requeue it at the front."""
+        live = self.slots[slot]
+        B = self.pool.config.slots_per_worker
+        worker, local = divmod(slot, B)
+        length = live.cached_after_step() - 1  # tokens in its cache now
+        live.swapped = self.pool.read_prefix(worker, local, self.page_table[slot], length)
+        self._release_pages(slot)
+        self.slots[slot], self.active[slot] = None, False
+        self.queue.appendleft(live)
+        self.preemptions += 1
+
+    def _release_pages(self, slot: int) -> None:
+        if self.allocators:
+            live = self.slots[slot]
+            self.allocators[slot // self.pool.config.slots_per_worker].free(live.request.id)
+            self.page_table[slot] = NULL_PAGE
+            self._table_dirty = True
 
     def _append(self, live: _Live, token: int, lp: Logprobs | None = None, row: int = 0) -> str:
         return record_token(live, token, lp, row, eos=self.eos, now=self.clock())
 
     def _free(self, slot: int, reason: str) -> None:
         live = self.slots[slot]
+        self._release_pages(slot)
         self.slots[slot], self.active[slot] = None, False
         self._finish(live, reason)
 

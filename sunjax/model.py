@@ -20,8 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from kernels_pallas.paged_attention import paged_attention
 from sunjax.config import ModelConfig
 from sunjax.linear import matmul
+from sunjax.paged import write_token
 
 _NEG_INF = -1e30
 
@@ -98,15 +100,52 @@ def write_cache(
     return jax.vmap(put)(buf, new, start)
 
 
+def dense_attention(
+    cfg: ModelConfig,
+    q: Float[Array, "B T N H"],
+    k_cache: Float[Array, "B K S H"],
+    v_cache: Float[Array, "B K S H"],
+    positions: Int[Array, "B T"],
+) -> Float[Array, "B T N H"]:
+    """Each query attends to the cached keys at positions ``<= positions`` (and inside the
+    sliding window)."""
+    B, T, N, H = q.shape
+    K, S = k_cache.shape[1], k_cache.shape[2]
+    qg = q.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum(
+        "btkgh,bksh->bkgts", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32
+    ) * (H**-0.5)
+    key_pos = jnp.arange(S)[None, None, :]  # [1, 1, S]
+    mask = key_pos <= positions[:, :, None]  # [B, T, S]
+    if cfg.sliding_window is not None:
+        mask &= key_pos > positions[:, :, None] - cfg.sliding_window
+    scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.jnp_dtype)
+    # Batch dims (b, k) leading in the output as in the operands, then one transpose: XLA:CPU
+    # ran this as a plain batched matmul (SmolLM2 decode, B=16: 0.18 vs 0.34 ms per layer).
+    out = jnp.einsum("bkgts,bksh->bkgth", probs, v_cache.astype(cfg.jnp_dtype))
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
 class Attention(nn.Module):
+    """Self-attention over a KV cache, dense or paged.
+
+    Dense (``page_table`` None): ``k_cache`` / ``v_cache`` are ``[B, K, S, H]``; ``T`` new
+    tokens go in at ``start`` (``write_cache``).  Paged (``page_table`` ``[B, M]``): they are
+    one layer's page pools ``[K, A, P, H]`` (``sunjax.paged``); one decode token per slot
+    (``T = 1``) goes in at ``start`` (``write_token``) and attends through
+    ``kernels_pallas.paged_attention`` (the Pallas kernel on GPU/TPU, XLA on CPU).  The
+    projections, RoPE and GQA are shared by both.
+    """
+
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, k_cache, v_cache, start):
-        # x: [B, T, D]; positions: [B, T]; k_cache, v_cache: [B, K, S, H]; start: [B]
+    def __call__(self, x, positions, k_cache, v_cache, start, page_table=None):
+        # x: [B, T, D]; positions: [B, T]; start: [B]; caches and page_table: see above
         cfg = self.cfg
         B, T, _ = x.shape
-        N, K, G, H = cfg.n_heads, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim
+        N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         dense = functools.partial(
             Linear, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, use_bias=cfg.qkv_bias
         )
@@ -119,24 +158,24 @@ class Attention(nn.Module):
         inv_freq = rope_frequencies(cfg)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
-        k_cache = write_cache(k_cache, k, start)
-        v_cache = write_cache(v_cache, v, start)
-
-        S = k_cache.shape[2]
-        qg = q.reshape(B, T, K, G, H)
-        scores = jnp.einsum(
-            "btkgh,bksh->bkgts", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32
-        ) * (H**-0.5)
-        key_pos = jnp.arange(S)[None, None, :]  # [1, 1, S]
-        mask = key_pos <= positions[:, :, None]  # [B, T, S]
-        if cfg.sliding_window is not None:
-            mask &= key_pos > positions[:, :, None] - cfg.sliding_window
-        scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.jnp_dtype)
-        # Batch dims (b, k) leading in the output as in the operands, then one transpose: XLA:CPU
-        # ran this as a plain batched matmul (SmolLM2 decode, B=16: 0.18 vs 0.34 ms per layer).
-        out = jnp.einsum("bkgts,bksh->bkgth", probs, v_cache.astype(cfg.jnp_dtype))
-        out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, N * H)
+        if page_table is None:
+            k_cache = write_cache(k_cache, k, start)
+            v_cache = write_cache(v_cache, v, start)
+            out = dense_attention(cfg, q, k_cache, v_cache, positions)
+        else:
+            if T != 1:
+                raise ValueError(f"the paged cache takes one decode token per slot, got T={T}")
+            k_cache = write_token(k_cache, k[:, 0], page_table, start)
+            v_cache = write_token(v_cache, v[:, 0], page_table, start)
+            out = paged_attention(
+                q[:, 0].astype(k_cache.dtype),
+                k_cache,
+                v_cache,
+                start + 1,
+                page_table,
+                sliding_window=cfg.sliding_window,
+            )  # [B, N, H]
+        out = out.astype(cfg.jnp_dtype).reshape(B, T, N * H)
         out = Linear(
             cfg.d_model,
             use_bias=cfg.o_bias,
@@ -165,12 +204,13 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, kv, positions, start):
-        # x: [B, T, D]; kv: ([B, K, S, H], [B, K, S, H]); positions: [B, T]; start: [B]
+    def __call__(self, x, kv, positions, start, page_table=None):
+        # x: [B, T, D]; kv: ([B, K, S, H], [B, K, S, H]) or paged ([K, A, P, H], ...);
+        # positions: [B, T]; start: [B]; page_table: None or [B, M]
         cfg = self.cfg
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
         h, k_cache, v_cache = Attention(cfg, name="attn")(
-            norm(name="input_norm")(x), positions, *kv, start
+            norm(name="input_norm")(x), positions, *kv, start, page_table
         )
         x = x + h
         x = x + MLP(cfg, name="mlp")(norm(name="post_attn_norm")(x))
@@ -196,7 +236,7 @@ class Transformer(nn.Module):
                 Block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast),
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.n_layers,
             )
             self.layers = stack(cfg)
@@ -211,19 +251,22 @@ class Transformer(nn.Module):
                 param_dtype=cfg.jnp_param_dtype,
             )
 
-    def __call__(self, tokens, positions, ks, vs, start, logits_at=None):
-        # tokens, positions: [B, T]; ks, vs: L x [B, K, S, H]; start: [B];
+    def __call__(self, tokens, positions, ks, vs, start, logits_at=None, page_table=None):
+        # tokens, positions: [B, T]; ks, vs: L x [B, K, S, H] (dense) or L x [K, A, P, H]
+        # (paged, with page_table [B, M]); start: [B];
         # logits_at: None (all T positions) or [B] index of the one position to score.
         x = self.embed(tokens)
         if self.cfg.scan_layers:
             # Stacking the per-layer caches copies them once per call: scan is the fast-compiling
             # layout for training, unrolled layers the in-place one for decode.
-            x, (ks, vs) = self.layers(x, (jnp.stack(ks), jnp.stack(vs)), positions, start)
+            x, (ks, vs) = self.layers(
+                x, (jnp.stack(ks), jnp.stack(vs)), positions, start, page_table
+            )
             ks, vs = tuple(ks), tuple(vs)
         else:
             new_k, new_v = [], []
             for block, k, v in zip(self.blocks, ks, vs, strict=True):
-                x, (k, v) = block(x, (k, v), positions, start)
+                x, (k, v) = block(x, (k, v), positions, start, page_table)
                 new_k.append(k)
                 new_v.append(v)
             ks, vs = tuple(new_k), tuple(new_v)

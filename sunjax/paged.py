@@ -50,6 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from sunjax.cache import KVCache
+
 NULL_PAGE = 0
 
 
@@ -341,4 +343,18 @@ class PagedKVCache:
             self,
             page_table=self.page_table.at[slot].set(NULL_PAGE),
             lengths=self.lengths.at[slot].set(0),
+        )
+
+    def read_prefix(self, slot, page_row: Int[Array, " M"], num_tokens: int) -> KVCache:
+        """The inverse of ``insert``: positions ``0 .. num_tokens - 1`` of the sequence on
+        pages ``page_row`` as a batch-1 dense ``KVCache`` (``[1, K, num_tokens, H]`` per
+        layer, length ``lengths[slot]``).  Positions past the row's pages read the null page.
+        Jittable with ``num_tokens`` static: preemption swaps a sequence out this way."""
+        pos = jnp.arange(num_tokens)  # [T]
+        page = page_row.at[pos // self.page_size].get(mode="fill", fill_value=NULL_PAGE)
+        get = lambda pages: pages[:, page, pos % self.page_size][None]  # [1, K, T, H]
+        return KVCache(
+            k=tuple(map(get, self.k)),
+            v=tuple(map(get, self.v)),
+            lengths=self.lengths[slot][None],
         )

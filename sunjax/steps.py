@@ -8,7 +8,8 @@ Pure functions (no jit; call them inside your own ``jax.jit``, ``jax.grad`` or `
 * ``prefill_and_sample(cfg, params, tokens, lengths, cache, sampling)``
   right-padded prompts -> first sampled token, its logits, the cache with the prompts' K/V;
 * ``decode_and_sample(cfg, params, tokens, cache, sampling, active)``
-  one token per sequence -> next sampled token, its logits, the cache;
+  one token per sequence -> next sampled token, its logits, the cache (dense ``KVCache``
+  or ``PagedKVCache``: the model's attention dispatches on the cache type);
 * ``extend(cfg, params, tokens, cache, lengths)``  ``T`` tokens after a cache -> all logits
   (the SUN loss runs the decode tree this way over a response, attending to the prefill
   tree's KV; so does teacher-forced evaluation).
@@ -33,29 +34,43 @@ from jaxtyping import Array, Float, Int
 from sunjax.cache import KVCache
 from sunjax.config import ModelConfig
 from sunjax.model import Transformer, check_tokens
+from sunjax.paged import PagedKVCache
 from sunjax.sampling import SamplingParams, sample
+
+Cache = KVCache | PagedKVCache
 
 
 def run(
     cfg: ModelConfig,
     params,
     tokens: Int[Array, "B T"],
-    cache: KVCache,
+    cache: Cache,
     advance: Int[Array, " B"],
     logits_at: Int[Array, " B"] | None = None,
-) -> tuple[Float[Array, "B T V"], KVCache]:
+) -> tuple[Float[Array, "B T V"], Cache]:
     """Write ``tokens`` at each sequence's ``cache.lengths`` and return their logits.
 
     The cache's lengths grow by ``advance`` (a right-padded row's true length, or 0 for a
     slot that must not move). ``logits_at`` [B] scores one position per row (``[B, 1, V]``)
-    instead of all ``T``.
+    instead of all ``T``. A ``PagedKVCache`` takes one token per slot (``T = 1``, a decode
+    step); its slots' pages must already hold position ``lengths`` (``PageAllocator.extend``).
     """
     T = tokens.shape[1]
     positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    paged = isinstance(cache, PagedKVCache)
+    if paged and T != 1:
+        raise ValueError(f"a PagedKVCache takes one token per slot, got tokens {tokens.shape}")
     logits, ks, vs = Transformer(cfg).apply(
-        {"params": params}, tokens, positions, cache.k, cache.v, cache.lengths, logits_at
+        {"params": params},
+        tokens,
+        positions,
+        cache.k,
+        cache.v,
+        cache.lengths,
+        logits_at,
+        cache.page_table if paged else None,
     )
-    return logits, KVCache(k=ks, v=vs, lengths=cache.lengths + advance)
+    return logits, dataclasses.replace(cache, k=ks, v=vs, lengths=cache.lengths + advance)
 
 
 def prefill_logits(
@@ -88,10 +103,10 @@ def decode_and_sample(
     cfg: ModelConfig,
     params,
     tokens: Int[Array, " B"],
-    cache: KVCache,
+    cache: Cache,
     sampling: SamplingParams,
     active: jax.Array | None = None,
-) -> tuple[Int[Array, " B"], Float[Array, "B V"], KVCache]:
+) -> tuple[Int[Array, " B"], Float[Array, "B V"], Cache]:
     """One decode step: ``tokens`` [B] go in at ``cache.lengths``; returns the next token of
     every row (0 where ``active`` is False: those rows' lengths do not move), its logits and
     the cache."""
