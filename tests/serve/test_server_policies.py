@@ -56,8 +56,9 @@ def test_conventional_policy_decodes_each_model_with_its_own_tree(tmp_path):
     for (model, prompt), tokens in got.items():
         tree = trees[model]  # conventional: the model's own tree prefills and decodes
         assert tokens == expected(cfg, tok, tree, tree, prompt), (model, prompt)
-    shared = expected(cfg, tok, prefill["math"], decode, PROMPTS[0])
-    assert got[("math", PROMPTS[0])] != shared  # the shared tree would decode differently
+    # the check can tell: the shared decode tree would have decoded some of them differently
+    shared = {(m, p): expected(cfg, tok, prefill[m], decode, p) for m in prefill for p in PROMPTS}
+    assert any(got[key] != tokens for key, tokens in shared.items())
 
 
 def test_qsun_export_serves_its_int4_decode_tree(tmp_path):
