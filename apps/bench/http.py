@@ -70,9 +70,10 @@ def in_process(server_args: list[str], arrivals: list[Arrival]) -> dict:
         return out
 
     sched.pool.step = timed_step
-    results, failed, wall = replay(sched, arrivals)
+    results, wall = replay(sched, arrivals)
+    failed = [r for r in results if r.finish_reason == "refused"]
     if failed:
-        raise RuntimeError(f"in-process run refused {len(failed)} requests: {failed}")
+        raise RuntimeError(f"in-process run refused {len(failed)} requests: {failed[0].error}")
     done = [r for r in results if r.finish_reason in ("stop", "length")]
     return summary(
         sum(len(r.tokens) for r in done),
