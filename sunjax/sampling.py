@@ -28,12 +28,13 @@ class SamplingParams:
     @classmethod
     def create(cls, batch: int, *, temperature=0.0, top_k=0, top_p=1.0, seed=0) -> SamplingParams:
         validate_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
-        full = lambda v, dt: jnp.broadcast_to(jnp.asarray(v, dt), (batch,))
+        # built on the host, one transfer per field (the serving loop makes one per request)
+        full = lambda v, dt: jnp.asarray(np.broadcast_to(np.asarray(v, dt), (batch,)))
         return cls(
-            temperature=full(temperature, jnp.float32),
-            top_k=full(top_k, jnp.int32),
-            top_p=full(top_p, jnp.float32),
-            seed=full(seed, jnp.uint32),
+            temperature=full(temperature, np.float32),
+            top_k=full(top_k, np.int32),
+            top_p=full(top_p, np.float32),
+            seed=full(seed, np.uint32),
         )
 
 

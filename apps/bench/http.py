@@ -132,7 +132,12 @@ async def over_http(server: RemoteServer, arrivals: list[Arrival]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sunjax bench http", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--export", default=None, help="an export (default: a tiny random one)")
+    ap.add_argument(
+        "--export",
+        default=None,
+        help="an export; 'smollm2' serves the server's default model (SmolLM2-135M-Instruct "
+        "as 'base'); default: a tiny random export",
+    )
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--rate", type=float, default=0.0, help="arrivals/s; 0 = all at once")
     ap.add_argument("--slots", type=int, default=16)
@@ -140,14 +145,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    export = args.export or os.path.join(tempfile.mkdtemp(prefix="sunjax-bench-"), "export")
-    if args.export is None:
-        tiny_export(export, TASKS)
-    server_args = ["--export", export, "--slots", str(args.slots), "--max-len", str(args.max_len)]
+    server_args = ["--slots", str(args.slots), "--max-len", str(args.max_len)]
     server_args += ["--min-bucket", "64", "--max-queue", str(args.requests)]
-    from sunjax.export import read_manifest
+    if args.export == "smollm2":  # the server's default model, served as "base"
+        from sunjax.hub import load
 
-    manifest = read_manifest(export)
+        tasks, vocab = ["base"], load("smollm2")[0].vocab_size
+    else:
+        export = args.export or os.path.join(tempfile.mkdtemp(prefix="sunjax-bench-"), "export")
+        if args.export is None:
+            tiny_export(export, TASKS)
+        from sunjax.export import read_manifest
+
+        manifest = read_manifest(export)
+        tasks, vocab = manifest["tasks"], manifest["model_config"]["vocab_size"]
+        server_args += ["--export", export]
     workload = WorkloadConfig(
         requests=args.requests,
         rate=args.rate,
@@ -156,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         output_len=(16, 128),
         seed=args.seed,
     )
-    vocab = manifest["model_config"]["vocab_size"]
-    arrivals = make_workload(workload, manifest["tasks"], vocab)
+    arrivals = make_workload(workload, tasks, vocab)
 
     local = in_process(server_args, arrivals)
     print("in_process", json.dumps(local), flush=True)
@@ -167,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores "
         f"(shared), JAX CPU backend",
-        "workload": {**vars(workload), "tasks": manifest["tasks"]},
+        "model": args.export or "tiny",
+        "workload": {**vars(workload), "tasks": tasks},
         "server_args": server_args,
         "in_process": local,
         "http": remote,

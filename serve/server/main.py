@@ -28,6 +28,7 @@ from serve.server.models import ModelSet, load_models
 from serve.server.runtime import Runtime
 
 log = logging.getLogger("sunjax.serve")
+SWITCH_INTERVAL_S = 2e-4  # sys.setswitchinterval in the server (default 5e-3)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -130,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         force=True,
     )
     ensure_cpu_devices(args.workers)
+    # The engine thread releases the GIL while XLA computes and must get it back the moment the
+    # step ends; by default a thread waits up to 5 ms for the event loop to hand it over, as
+    # long as a whole decode step of a small model.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
     runtime = Runtime(lambda: setup(args), policy=args.policy)
     app = build_app(
