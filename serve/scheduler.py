@@ -424,7 +424,7 @@ class Scheduler:
             live.result.worker = worker
             if self.allocators:
                 alloc = self.allocators[worker]
-                shared = alloc.lookup([k for k in live.keys[1][: len(hits[worker])]])
+                shared = alloc.lookup(live.keys[1][: len(hits[worker])])
                 spare[worker] -= alloc.cost(need, shared)
                 alloc.allocate(req.id, need, shared)
                 live.shared, live.done = len(shared), len(shared) * alloc.page_size

@@ -193,18 +193,20 @@ class PageAllocator:
         """``int32 [B, width]``: one ``page_row`` per slot (``None`` for a free slot)."""
         return np.stack([self.page_row(s, width) for s in seqs])
 
-    def peek(self, keys: Sequence[bytes]) -> int:
-        """How many leading ``keys`` are cached (nothing changes)."""
-        n = 0
-        while n < len(keys) and keys[n] in self._cache:
-            n += 1
-        return n
+    def peek(self, keys: Sequence[bytes]) -> list[int]:
+        """The pages of the longest cached run of leading ``keys`` (nothing changes)."""
+        pages = []
+        for key in keys:
+            if key not in self._cache:
+                break
+            pages.append(self._cache[key])
+        return pages
 
     # -- updates ---------------------------------------------------------------------------
     def lookup(self, keys: Sequence[bytes]) -> list[int]:
         """The pages of the longest cached run of leading ``keys``, marked recently used
         (the first block most recently, so eviction takes a chain from its end)."""
-        pages = [self._cache[k] for k in keys[: self.peek(keys)]]
+        pages = self.peek(keys)
         for k in reversed(keys[: len(pages)]):
             self._cache.move_to_end(k)
         return pages
@@ -279,10 +281,13 @@ class PageAllocator:
             p = pages[i]
             if key in self._cache or p in self._block:
                 continue
+            self._ref(p)  # before it is a block: a held page gaining the cache's ref
             self._cache[key] = p
             self._block[p] = (key, i)
-            self._ref(p)
             new += 1
+        for key in reversed(keys):  # most recently used, the first block most of all
+            if key in self._cache:
+                self._cache.move_to_end(key)
         return new
 
     def clear_cache(self) -> int:
