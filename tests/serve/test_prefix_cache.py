@@ -281,3 +281,26 @@ def test_all_three_with_cancellations_leak_no_page(tiny, small_pool):
     assert sched.prefix_hits > 0
     assert all(s is None for s in sched.slots) and sched._chunking is None
     _drain(sched)
+
+
+def test_chunked_prefill_on_a_dense_pool(tiny, sun_pool):
+    cfg, decode, tasks = tiny
+    sched = Scheduler(sun_pool, tasks, LeastLoaded(WORKERS), prefill_chunk=12)
+    rng = np.random.default_rng(10)
+    reqs = [
+        Request(
+            id=f"d{i}",
+            model=MODELS[i % 3],
+            prompt=tuple(rng.integers(0, 97, n).tolist()),
+            max_tokens=MAX_LEN - n,
+        )
+        for i, n in enumerate((60, 30, 13, 5))
+    ]
+    out = _run(sched, reqs)
+    for r in reqs:
+        assert out[r.id] == _reference(cfg, tasks[r.model], decode, r), r.id
+
+
+def test_prefix_cache_needs_a_paged_pool(tiny, sun_pool):
+    with pytest.raises(ValueError, match="prefix_cache=True needs a paged pool"):
+        Scheduler(sun_pool, tiny[2], LeastLoaded(WORKERS), prefix_cache=True)
