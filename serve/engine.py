@@ -30,6 +30,7 @@ decode-and-sample; the decode pool (``serve.pool``) runs the same ``decode_step`
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -41,8 +42,8 @@ from sunjax.cache import KVCache
 from sunjax.config import ModelConfig
 from sunjax.generate import bucket
 from sunjax.paged import PageAllocator, PagedKVCache, pages_for
-from sunjax.sampling import SamplingParams, sampled_logprobs
-from sunjax.steps import decode_and_sample, prefill_and_sample
+from sunjax.sampling import SamplingParams, sample, sampled_logprobs
+from sunjax.steps import decode_and_sample, prefill_logits
 
 Params = dict  # a model's plain nested parameter dict
 TOP_LOGPROBS = 5  # alternatives computed per token (the OpenAI completions maximum)
@@ -184,12 +185,21 @@ def sampling_params(
 def prefill_step(
     cfg: ModelConfig,
     params: Params,
-    tokens: Int[Array, "1 T"],
-    length: Int[Array, " 1"],
+    tokens: Int[Array, "B T"],
+    length: Int[Array, " B"],
     sampling: SamplingParams,
-) -> tuple[KVCache, Int[Array, " 1"], Logprobs]:
-    cache = cfg.init_cache(1, tokens.shape[1])
-    token, logits, cache = prefill_and_sample(cfg, params, tokens, length, cache, sampling)
+    prior: KVCache | None = None,
+    size: int | None = None,
+) -> tuple[KVCache, Int[Array, " B"], Logprobs]:
+    """Right-padded prompts (true lengths ``length``) after ``prior`` (a dense cache of the
+    tokens before them, ``prior.lengths`` each, with room for ``T`` more; None: an empty cache
+    of ``size`` positions, default ``T``): the cache with them appended and the first new
+    token, sampled from the logits at the last true position (its key folds in the total
+    length, so a prompt prefilled in pieces samples what one pass would)."""
+    if prior is None:
+        prior = cfg.init_cache(tokens.shape[0], size or tokens.shape[1])
+    logits, cache = prefill_logits(cfg, params, tokens, length, prior)
+    token = sample(logits, sampling, cache.lengths)
     return cache, token, token_logprobs(logits, sampling, token)
 
 
@@ -198,13 +208,16 @@ def insert_step(
     state: DecodeState,
     slot: Int[Array, ""],
     page_row: Int[Array, " M"] | None = None,
+    shared: Int[Array, ""] | int = 0,
 ) -> DecodeState:
-    """Put ``prefix`` into ``slot`` (paged: onto the pages ``page_row``) and activate it."""
+    """Put ``prefix`` into ``slot`` (paged: onto the pages ``page_row``, of which the first
+    ``shared`` are prefix-cache pages that already hold its leading blocks and are not
+    written) and activate it."""
     put = lambda dst, src: jax.lax.dynamic_update_slice(dst, src.astype(dst.dtype), (slot,))
     if isinstance(state.cache, PagedKVCache):
         if page_row is None:
             raise ValueError("inserting into a paged cache needs the slot's page_row")
-        cache = state.cache.insert(prefix.cache, slot, page_row)
+        cache = state.cache.insert(prefix.cache, slot, page_row, shared)
     else:
         cache = state.cache.insert(prefix.cache, slot)
     return DecodeState(
@@ -235,8 +248,30 @@ def decode_step(
     return state, nxt
 
 
-_prefill = jax.jit(prefill_step, static_argnums=0)
+_prefill = jax.jit(prefill_step, static_argnums=0, static_argnames="size")
 _insert = jax.jit(insert_step, donate_argnums=1)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _split_rows(cache: KVCache, tokens, lp: Logprobs, n: int):
+    """The first ``n`` rows of a batched prefill, each as batch-1 pieces."""
+    row = lambda i: lambda x: x[i : i + 1]
+    return [(jax.tree.map(row(i), cache), tokens[i], jax.tree.map(row(i), lp)) for i in range(n)]
+
+
+def _truncate(cache: KVCache, n: int) -> KVCache:
+    """The first ``n`` positions of a dense cache whose later positions are padding."""
+    cut = lambda x: x[:, :, :n]
+    return KVCache(k=tuple(map(cut, cache.k)), v=tuple(map(cut, cache.v)), lengths=cache.lengths)
+
+
+def _device_of(params: Params) -> jax.Device | None:
+    """The one device ``params`` live on (None: several, or none committed)."""
+    leaf = jax.tree.leaves(params)[0]
+    devices = getattr(leaf, "devices", lambda: set())()
+    return next(iter(devices)) if len(devices) == 1 else None
+
+
 _read_prefix = jax.jit(PagedKVCache.read_prefix, static_argnums=3)
 _generate = jax.jit(decode_step, static_argnums=0, donate_argnums=2)
 _generate_logprobs = jax.jit(decode_step_logprobs, static_argnums=0, donate_argnums=2)
@@ -300,29 +335,95 @@ class Engine:
         sampling: SamplingParams,
         *,
         model: str = "",
+        prior: KVCache | None = None,
+        size: int | None = None,
     ) -> Prefix:
-        """Prefill one prompt (a token-id list) with ``params``; the first token is sampled."""
+        """Prefill one prompt (a token-id list) with ``params``; the first token is sampled.
+
+        ``prior``: a batch-1 dense cache already holding the prompt's first
+        ``prior.lengths[0]`` tokens (prefix-cache pages read back, or earlier chunks), with
+        room for ``tokens`` (the rest) padded to its bucket (``prefill_size``); ``size``: the
+        positions of the new cache when there is no prior (default the prompt's bucket)."""
         n = len(tokens)
         padded = np.zeros((1, self.bucket(n)), np.int32)
         padded[0, :n] = tokens
         length = jnp.full((1,), n, jnp.int32)
-        cache, token, lp = _prefill(self.cfg, params, jnp.asarray(padded), length, sampling)
+        if prior is not None:
+            device = _device_of(params)
+            if device is not None:
+                prior = jax.device_put(prior, device)
+        cache, token, lp = _prefill(
+            self.cfg, params, jnp.asarray(padded), length, sampling, prior, size=size
+        )
         return Prefix(
             cache=cache,
             token=token[0],
-            length=length[0],
+            length=cache.lengths[0],
             sampling=sampling,
             logprobs=lp,
             model=model,
         )
 
+    def prefill_size(self, pieces: Sequence[tuple[int, int]]) -> int:
+        """The dense cache length that prefilling a prompt in ``pieces`` ``(start, n)``
+        needs (each piece padded to its bucket), rounded up to a bucket to bound compiles."""
+        return bucket(max(s + self.bucket(n) for s, n in pieces), self.config.min_bucket)
+
+    def prefill_batch(
+        self,
+        params: Params,
+        prompts: Sequence[Sequence[int]],
+        samplings: Sequence[SamplingParams],
+        *,
+        model: str = "",
+    ) -> list[Prefix]:
+        """Prefill several prompts of one model in one call: rows padded to a common bucket
+        length and the batch to a power of two (compiles per (batch, length) bucket).
+        Returns one batch-1 ``Prefix`` per prompt, as ``prefill`` would."""
+        n = len(prompts)
+        if n == 0 or len(samplings) != n:
+            raise ValueError(f"prefill_batch needs prompts and samplings alike, got {n}")
+        rows = 1 << (n - 1).bit_length()
+        T = self.bucket(max(len(p) for p in prompts))
+        padded = np.zeros((rows, T), np.int32)
+        lengths = np.ones((rows,), np.int32)  # padding rows: one token, never read
+        for i, p in enumerate(prompts):
+            padded[i, : len(p)] = p
+            lengths[i] = len(p)
+        pad = [SamplingParams.create(1)] * (rows - n)
+        sampling = jax.tree.map(lambda *x: jnp.concatenate(x), *samplings, *pad)
+        cache, tokens, lp = _prefill(
+            self.cfg, params, jnp.asarray(padded), jnp.asarray(lengths), sampling, None
+        )
+        parts = _split_rows(cache, tokens, lp, n)
+        return [
+            Prefix(cache=c, token=t, length=c.lengths[0], sampling=s, logprobs=lpi, model=model)
+            for (c, t, lpi), s in zip(parts, samplings, strict=True)
+        ]
+
+    def read_pages(self, state: DecodeState, page_row: np.ndarray, length: int, size: int):
+        """A batch-1 dense cache of ``size`` positions holding the ``length`` tokens on the
+        pages ``page_row`` (prefix-cache hits; positions past its pages read the null page
+        and lie past ``length``)."""
+        cache = _read_prefix(state.cache, jnp.int32(0), jnp.asarray(page_row, jnp.int32), size)
+        return dataclasses.replace(cache, lengths=jnp.full((1,), length, jnp.int32))
+
     def insert(
-        self, prefix: Prefix, state: DecodeState, slot: int, page_row: np.ndarray | None = None
+        self,
+        prefix: Prefix,
+        state: DecodeState,
+        slot: int,
+        page_row: np.ndarray | None = None,
+        shared: int = 0,
     ) -> DecodeState:
         """Put ``prefix`` into decode slot ``slot`` (paged: onto the pages ``page_row``
-        [M], from ``PageAllocator.page_row``); ``state`` is donated."""
+        [M], from ``PageAllocator.page_row``, not writing its first ``shared``: prefix-cache
+        pages); ``state`` is donated."""
         row = None if page_row is None else jnp.asarray(page_row, jnp.int32)
-        return _insert(dataclasses.replace(prefix, model=""), state, jnp.int32(slot), row)
+        if not self.config.paged and prefix.cache.max_len > self.config.max_len:
+            prefix = dataclasses.replace(prefix, cache=_truncate(prefix.cache, self.config.max_len))
+        prefix = dataclasses.replace(prefix, model="")
+        return _insert(prefix, state, jnp.int32(slot), row, jnp.int32(shared))
 
     def read_prefix(
         self, state: DecodeState, slot: int, page_row: np.ndarray, length: int

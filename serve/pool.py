@@ -142,15 +142,21 @@ class DecodePool:
         return treedef.unflatten([parts[device] for parts in shards]), shards
 
     def insert(
-        self, prefix: Prefix, worker: int, slot: int, page_row: np.ndarray | None = None
+        self,
+        prefix: Prefix,
+        worker: int,
+        slot: int,
+        page_row: np.ndarray | None = None,
+        shared: int = 0,
     ) -> None:
         """Hand ``prefix`` to ``worker`` and put it in that worker's local slot ``slot``
-        (paged: onto that worker's pages ``page_row``)."""
+        (paged: onto that worker's pages ``page_row``, the first ``shared`` of them
+        prefix-cache pages that are pointed at, not written)."""
         device = self.devices[worker]
         prefix = jax.device_put(dataclasses.replace(prefix, logprobs=None), device)
         row = None if page_row is None else jax.device_put(np.asarray(page_row, np.int32), device)
         local, shards = self._local(worker)
-        local = self.engine.insert(prefix, local, slot, row)  # donates this worker's shard only
+        local = self.engine.insert(prefix, local, slot, row, shared)  # this shard only
         leaves, treedef = jax.tree.flatten(self.state)
         rebuilt = []
         for a, parts, new in zip(leaves, shards, jax.tree.leaves(local), strict=True):
@@ -164,6 +170,12 @@ class DecodePool:
         ``page_row``), copied to host memory as a batch-1 dense cache (preemption)."""
         local, _ = self._local(worker)
         return jax.device_get(self.engine.read_prefix(local, slot, page_row, length))
+
+    def read_pages(self, worker: int, page_row: np.ndarray, length: int, size: int) -> KVCache:
+        """The ``length`` tokens on ``worker``'s pages ``page_row`` as a batch-1 dense cache
+        of ``size`` positions, left on that worker's device (prefix-cache hits)."""
+        local, _ = self._local(worker)
+        return self.engine.read_pages(local, page_row, length, size)
 
     def set_page_table(self, table: np.ndarray) -> None:
         """Replace the page table [W * B, M] (the host allocators are its source of truth)."""

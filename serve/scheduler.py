@@ -16,6 +16,27 @@ freed and it waits at the front of the queue; on resume it gets new pages and it
 through the same ``insert`` as a prefix, with its last token and its sampling settings, so
 the output is exactly the uninterrupted one (sampling keys depend only on the position).
 Finishing or cancelling frees a sequence's pages.
+
+Prefill options (``Scheduler(...)`` keywords):
+
+* ``prefix_cache`` (paged only): the full page-sized blocks of every prefilled prompt stay
+  in its worker's pool, keyed by ``sunjax.paged.block_keys``: the prefill tree's content hash
+  (``sunjax.export.fingerprint``, computed once per registered tree) chained with the
+  tokens up to and through the block.  A new request is routed to the worker holding the
+  longest run of its leading blocks (among those the router allows), shares those pages
+  read-only (``PageAllocator.allocate(shared=...)``; ``insert`` never writes them), reads
+  them back as a dense cache (``DecodePool.read_pages``) and prefills only the rest with its
+  own prefill tree.  At least the last prompt token is always prefilled, so the first token
+  comes from the prefill tree's logits as without the cache.  Cached pages no sequence holds
+  are evicted least recently used first when an allocation runs short.  Counters:
+  ``prefix_hits`` (requests that reused a block), ``prefix_tokens_saved``.
+* ``prefill_chunk`` C > 0: a prompt with more than C tokens left to prefill is prefilled C
+  tokens per ``step()`` (first chunk into a fresh dense cache, later ones after it with the
+  same prefill tree), one chunk between two decode steps; its slot and pages are reserved
+  when it starts and it joins the decode batch after its last chunk.
+* ``prefill_batch_tokens`` > 0: new cache-miss prompts of the same model that fit in one
+  step are prefilled in one call (``Engine.prefill_batch``) while their true tokens stay
+  within this budget; one batch counts as one prefill toward ``prefills_per_step``.
 """
 
 from __future__ import annotations
@@ -34,7 +55,8 @@ from serve.engine import TOP_LOGPROBS, Logprobs, Params, Prefix, sampling_params
 from serve.pool import DecodePool
 from serve.router import Router
 from sunjax.cache import KVCache
-from sunjax.paged import NULL_PAGE, OutOfPages, PageAllocator
+from sunjax.export import fingerprint
+from sunjax.paged import NULL_PAGE, OutOfPages, PageAllocator, block_keys
 
 
 class Tokenizer(Protocol):
@@ -155,6 +177,12 @@ class _Live:
     on_text: StreamCallback | None
     order: int = -1  # admission order (first admission; kept across preemption)
     swapped: KVCache | None = None  # host copy of the K/V of a preempted request
+    slot: int = -1  # its decode slot once admitted (reserved while it is prefilled)
+    keys: tuple[str, list[bytes]] = ("", [])  # (prefill fingerprint, its prompt's block keys)
+    shared: int = 0  # leading pages shared from the prefix cache
+    done: int = 0  # prompt tokens prefilled so far (shared ones included)
+    prior: KVCache | None = None  # dense cache of those tokens, while it is prefilled
+    size: int = 0  # positions of that dense cache
 
     def cached_after_step(self) -> int:
         """Tokens in its cache once the next decode step has written its last token."""
@@ -195,16 +223,35 @@ class Scheduler:
         eos_ids: Sequence[int] = (),
         max_queue: int = 256,
         prefills_per_step: int = 0,
+        prefix_cache: bool = False,
+        prefill_chunk: int = 0,
+        prefill_batch_tokens: int = 0,
         clock: Callable[[], float] = time.perf_counter,
     ):
-        """``prefills_per_step`` > 0 caps the prompts prefilled between two decode steps
-        while slots are decoding, so arriving prompts stall running streams by at most that
-        many prefills (0: admit whatever fits)."""
+        """``prefills_per_step`` > 0 caps the prefill calls (a prompt, a chunk or a batch)
+        between two decode steps while slots are decoding, so arriving prompts stall running
+        streams by at most that many (0: admit whatever fits).  ``prefix_cache``,
+        ``prefill_chunk`` and ``prefill_batch_tokens``: see the module docstring."""
         if max_queue < 0:
             raise ValueError(f"max_queue={max_queue} must be >= 0")
         if prefills_per_step < 0:
             raise ValueError(f"prefills_per_step={prefills_per_step} must be >= 0")
+        if prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk={prefill_chunk} must be >= 0")
+        if prefill_batch_tokens < 0:
+            raise ValueError(f"prefill_batch_tokens={prefill_batch_tokens} must be >= 0")
+        if prefix_cache and not pool.config.paged:
+            raise ValueError("prefix_cache=True needs a paged pool (EngineConfig.page_size)")
         self.prefills_per_step = prefills_per_step
+        self.prefix_cache = prefix_cache
+        self.prefill_chunk = prefill_chunk
+        self.prefill_batch_tokens = prefill_batch_tokens
+        self.prefix_hits = 0  # requests that reused at least one cached block
+        self.prefix_tokens_saved = 0  # prompt tokens not prefilled thanks to the cache
+        self.prefill_calls = 0  # prefill dispatches (a prompt, a chunk or a batch)
+        self.prefill_tokens = 0  # prompt tokens prefilled (true, not padded)
+        self._fingerprints: dict[str, tuple[Params, str]] = {}
+        self._chunking: _Live | None = None  # the prompt being prefilled chunk by chunk
         self.pool, self.router, self.tokenizer = pool, router, tokenizer
         self.prefill_params = dict(prefill_params)
         self.engine = pool.engine
@@ -228,6 +275,18 @@ class Scheduler:
             else None
         )  # [W * B, M], host truth; pushed to the device before a step when changed
         self._table_dirty = config.paged  # the pool may hold an earlier scheduler's rows
+        if prefix_cache:
+            for model in self.prefill_params:
+                self.fingerprint(model)
+
+    def fingerprint(self, model: str) -> str:
+        """Content hash of ``model``'s prefill tree, computed once per tree object (a tree
+        put in ``prefill_params`` under an old name is hashed anew)."""
+        tree = self.prefill_params[model]
+        known = self._fingerprints.get(model)
+        if known is None or known[0] is not tree:
+            known = self._fingerprints[model] = (tree, fingerprint(tree))
+        return known[1]
 
     # -- requests in ---------------------------------------------------------------------
     def validate(self, request: Request) -> None:
@@ -271,6 +330,8 @@ class Scheduler:
                 return True
         for slot, live in enumerate(self.slots):
             if live is not None and live.request.id == request_id:
+                if live is self._chunking:
+                    self._chunking, live.prior = None, None
                 self._free(slot, reason)
                 self.pool.set_active(self.active)
                 return True
@@ -279,7 +340,7 @@ class Scheduler:
     # -- the loop ------------------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        return bool(self.queue) or bool(self.active.any())
+        return bool(self.queue) or bool(self.active.any()) or self._chunking is not None
 
     def step(self) -> None:
         """Admit what fits, then one decode step of every worker, then finish slots."""
@@ -311,7 +372,8 @@ class Scheduler:
     def free_slots(self) -> list[int]:
         B = self.pool.config.slots_per_worker
         return [
-            int(B - self.active[w * B : (w + 1) * B].sum()) for w in range(self.pool.config.workers)
+            sum(live is None for live in self.slots[w * B : (w + 1) * B])
+            for w in range(self.pool.config.workers)
         ]
 
     # -- internals -----------------------------------------------------------------------
@@ -320,62 +382,191 @@ class Scheduler:
         yield from (live for live in self.slots if live is not None)
 
     def _admit(self) -> None:
+        """Advance the chunked prefill (one chunk), then admit waiting requests while slots,
+        pages and the per-step prefill budget allow: resume preempted ones, prefill new ones
+        (one by one, chunked, after cached blocks, or batched per model)."""
+        budget = self.prefills_per_step if self.active.any() else 0
+        calls = 0
+        if self._chunking is not None:
+            self._prefill_piece(self._chunking)
+            calls += 1
         free = self.free_slots()
         spare = self._spare_pages()
-        waiting = list(self.queue)
-        budget = self.prefills_per_step if self.active.any() else 0
-        for live in waiting:
+        batches: dict[str, list[_Live]] = {}
+        for live in list(self.queue):
             if not any(free):
                 break
-            if budget and len(waiting) - len(self.queue) >= budget:
+            if budget and calls >= budget:
                 break
+            req = live.request
+            need = live.cached_after_step()
+            hits = self._hits(live) if live.swapped is None else [[] for _ in self.allocators]
             fits = free
             if self.allocators:  # a free slot on a worker with pages for it
-                need = self.allocators[0].pages_needed(None, live.cached_after_step())
-                fits = [f if need <= p else 0 for f, p in zip(free, spare, strict=True)]
-            worker = self.router.pick(live.request.model, fits)
+                fits = [
+                    f if a.cost(need, h) <= s else 0
+                    for f, s, a, h in zip(free, spare, self.allocators, hits, strict=True)
+                ]
+            worker = self._pick(req.model, fits, [len(h) for h in hits])
             if worker is None:
                 if live.swapped is not None:
                     break  # a preempted request resumes before anything newer starts
                 continue  # this model's workers are full; later requests may fit elsewhere
+            chunked = self._needs_chunks(live, len(hits[worker]) if hits else 0)
+            if chunked and self._chunking is not None:
+                continue  # one prompt is prefilled in chunks at a time
             self.queue.remove(live)
-            req = live.request
-            sp = sampling_params(
-                temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed
-            )
+            B = self.pool.config.slots_per_worker
+            local = next(s for s in range(B) if self.slots[worker * B + s] is None)
+            live.slot = slot = worker * B + local
+            self.slots[slot] = live  # reserved; active once inserted
+            free[worker] -= 1
             live.result.worker = worker
-            if live.swapped is None:
-                live.result.admitted_at = self.clock()
-                live.order, self._admitted = self._admitted, self._admitted + 1
-                prefix = self.engine.prefill(
-                    self.prefill_params[req.model], req.prompt, sp, model=req.model
-                )
-                lp = None if req.logprobs is None else jax.device_get(prefix.logprobs)
-                reason = self._append(live, int(prefix.token), lp, 0)
-                if reason:
-                    self._finish(live, reason)
-                    continue
-            else:  # resume: the host K/V goes back in as a prefix, with its last token
+            if self.allocators:
+                alloc = self.allocators[worker]
+                shared = alloc.lookup(live.keys[1][: len(hits[worker])])
+                spare[worker] -= alloc.cost(need, shared)
+                alloc.allocate(req.id, need, shared)
+                live.shared, live.done = len(shared), len(shared) * alloc.page_size
+            if live.swapped is not None:  # resume: the host K/V goes back in with its last token
+                sp = self._sampling(req)
                 prefix = Prefix(
                     cache=live.swapped,
                     token=jnp.int32(live.result.tokens[-1]),
-                    length=jnp.int32(live.cached_after_step() - 1),
+                    length=jnp.int32(need - 1),
                     sampling=sp,
                     model=req.model,
                 )
                 live.swapped = None
-            B = self.pool.config.slots_per_worker
-            local = next(s for s in range(B) if not self.active[worker * B + s])
-            slot = worker * B + local
-            row = None
-            if self.allocators:
-                alloc = self.allocators[worker]
-                alloc.allocate(req.id, live.cached_after_step())
-                row = self.page_table[slot] = alloc.page_row(req.id)
-                spare[worker] -= len(alloc.pages(req.id))
-            self.pool.insert(prefix, worker, local, row)
-            self.slots[slot], self.active[slot] = live, True
-            free[worker] -= 1
+                self._insert(live, prefix)
+                calls += 1
+                continue
+            live.result.admitted_at = self.clock()
+            live.order, self._admitted = self._admitted, self._admitted + 1
+            if live.done:
+                self.prefix_hits += 1
+                self.prefix_tokens_saved += live.done
+            group = batches.get(req.model)
+            if chunked or live.done or not self.prefill_batch_tokens:
+                if chunked:
+                    self._chunking = live
+                self._prefill_piece(live)
+                calls += 1
+            elif group and sum(len(x.request.prompt) for x in group) + len(req.prompt) <= (
+                self.prefill_batch_tokens
+            ):
+                group.append(live)
+            else:
+                if group:
+                    self._prefill_batch(group)
+                batches[req.model] = [live]
+                calls += 1
+        for group in batches.values():
+            self._prefill_batch(group)
+
+    def _hits(self, live: _Live) -> list[list[int]]:
+        """Per worker: the cached pages of ``live``'s leading prompt blocks (never the block
+        of its last token, which must be prefilled for the first token's logits)."""
+        if not self.prefix_cache:
+            return [[] for _ in self.allocators]
+        req = live.request
+        fp = self.fingerprint(req.model)
+        if live.keys[0] != fp:
+            live.keys = (fp, block_keys(fp, req.prompt, self.pool.config.page_size))
+        usable = live.keys[1][: (len(req.prompt) - 1) // self.pool.config.page_size]
+        return [a.peek(usable) for a in self.allocators]
+
+    def _pick(self, model: str, fits: list[int], hits: list[int]) -> int | None:
+        """The router's pick among the workers holding most cached blocks, else its pick."""
+        best = max((h for h, f in zip(hits, fits, strict=False) if f), default=0)
+        if best:
+            preferred = [f if h == best else 0 for f, h in zip(fits, hits, strict=True)]
+            worker = self.router.pick(model, preferred)
+            if worker is not None:
+                return worker
+        return self.router.pick(model, fits)
+
+    def _needs_chunks(self, live: _Live, hit_blocks: int) -> bool:
+        rest = len(live.request.prompt) - hit_blocks * (self.pool.config.page_size or 0)
+        return live.swapped is None and 0 < self.prefill_chunk < rest
+
+    @staticmethod
+    def _sampling(req: Request):
+        return sampling_params(
+            temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed
+        )
+
+    def _prefill_piece(self, live: _Live) -> None:
+        """Prefill ``live``'s next piece (its next chunk, or all that is left) after what it
+        has (cached blocks or earlier chunks); after the last one, start it decoding."""
+        req = live.request
+        n, start, C = len(req.prompt), live.done, self.prefill_chunk
+        end = min(n, start + C) if C else n
+        worker = live.slot // self.pool.config.slots_per_worker
+        if not live.size:
+            starts = range(start, n, C) if C else [start]
+            live.size = self.engine.prefill_size([(s, min(n, s + (C or n)) - s) for s in starts])
+        if start and live.prior is None:  # cached blocks: read them back from the pool
+            row = self.allocators[worker].page_row(req.id)
+            live.prior = self.pool.read_pages(worker, row, start, live.size)
+        prefix = self.engine.prefill(
+            self.prefill_params[req.model],
+            req.prompt[start:end],
+            self._sampling(req),
+            model=req.model,
+            prior=live.prior,
+            size=None if live.prior is not None else live.size,
+        )
+        self.prefill_calls += 1
+        self.prefill_tokens += end - start
+        live.done = end
+        if end < n:
+            live.prior = prefix.cache
+            return
+        live.prior = None
+        if live is self._chunking:
+            self._chunking = None
+        self._start(live, prefix)
+
+    def _prefill_batch(self, group: list[_Live]) -> None:
+        """Prefill cache-miss prompts of one model in one call, then start each."""
+        req = group[0].request
+        if len(group) == 1:
+            self._prefill_piece(group[0])
+            return
+        prefixes = self.engine.prefill_batch(
+            self.prefill_params[req.model],
+            [x.request.prompt for x in group],
+            [self._sampling(x.request) for x in group],
+            model=req.model,
+        )
+        self.prefill_calls += 1
+        self.prefill_tokens += sum(len(x.request.prompt) for x in group)
+        for live, prefix in zip(group, prefixes, strict=True):
+            live.done = len(live.request.prompt)
+            self._start(live, prefix)
+
+    def _start(self, live: _Live, prefix: Prefix) -> None:
+        """Record a prefilled request's first token; unless that ends it, put it in its
+        reserved slot and cache its prompt's full blocks."""
+        req = live.request
+        lp = None if req.logprobs is None else jax.device_get(prefix.logprobs)
+        reason = self._append(live, int(prefix.token), lp, 0)
+        if reason:
+            self._free(live.slot, reason)
+            return
+        self._insert(live, prefix)
+        if self.prefix_cache:
+            alloc = self.allocators[live.slot // self.pool.config.slots_per_worker]
+            alloc.cache_blocks(req.id, live.keys[1])
+
+    def _insert(self, live: _Live, prefix: Prefix) -> None:
+        worker, local = divmod(live.slot, self.pool.config.slots_per_worker)
+        row = None
+        if self.allocators:
+            row = self.page_table[live.slot] = self.allocators[worker].page_row(live.request.id)
+        self.pool.insert(prefix, worker, local, row, live.shared)
+        self.active[live.slot] = True
 
     def _spare_pages(self) -> list[int]:
         """Per worker: free pages left once its live sequences have grown for the next step."""

@@ -30,6 +30,7 @@ BENCHES = {
     "matmul": "kernels_pallas.quant_matmul.bench:main",  # int4/int8 matmul kernels vs XLA
     "paged": "kernels_pallas.paged_attention.bench:main",  # paged vs dense decode attention
     "paged_engine": "apps.bench.paged_engine:main",  # paged vs dense cache in the engine
+    "prefill": "apps.bench.prefill:main",  # prefix cache, chunked and batched prefill
     "qsun": "apps.bench.qsun:main",  # decode step: bf16 vs int4 vs mixed decode trees
     "serve": "apps.bench.serve:main",  # SUN vs conventional serving over Zipf skew
     "steps": "apps.bench.steps:main",  # step-time table of the real engine (simulator input)
