@@ -8,16 +8,25 @@ process boundary intact and each stage ran its own tree.
 
 import concurrent.futures as cf
 import glob
+import json
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import httpx
+import jax
+import jax.numpy as jnp
 import openai
 import pytest
 
 from apps.local_cluster import LocalCluster
+from apps.remote_server import REPO
 from apps.tiny import tiny_export
+from serve.cluster import wire
 from serve.cluster.config import cluster_config, load_cluster_config
+from serve.cluster.instances import DecodeInstance
 from sunjax.export import load_export
 from sunjax.generate import generate
 from sunjax.tokenizer import eos_ids, load_tokenizer
@@ -43,7 +52,7 @@ def exports(tmp_path_factory):
     }
 
 
-def reference(exports, model, ids, n, *, conventional=False):
+def reference_ids(exports, model, ids, n, *, conventional=False):
     """``sunjax.generate``: the task's prefill tree, then the shared decode tree (SUN) or the
     task's own tree (conventional)."""
     tree = exports["prefill"][model]
@@ -55,7 +64,13 @@ def reference(exports, model, ids, n, *, conventional=False):
         eos_ids=eos_ids(exports["tok"]),
         decode_params=tree if conventional else exports["decode"],
     )
-    return [exports["tok"].decode([t]) for t in out.tokens[0]]
+    return [int(t) for t in out.tokens[0]]
+
+
+def reference(exports, model, ids, n, *, conventional=False):
+    """``reference_ids`` as token strings (what the completions API's logprobs list)."""
+    out = reference_ids(exports, model, ids, n, conventional=conventional)
+    return [exports["tok"].decode([t]) for t in out]
 
 
 def mixed_requests(client, tok, n_tokens=24):
@@ -229,3 +244,164 @@ def test_conventional_equals_generate(exports, sun):
         assert differ  # the decode tree matters: the SUN pairing continues differently
         h = c.health()["instances"]
         assert h["d0"]["most_models_in_a_step"] == h["d1"]["most_models_in_a_step"] == 1
+
+
+OFFER = """
+import json, sys
+import jax, jax.numpy as jnp
+from serve.cluster import wire
+from sunjax.export import load_decode
+cfg, _, _ = load_decode(sys.argv[1])
+server = wire.start_transfer_server("127.0.0.1")
+leaves = [jnp.zeros(x.shape, x.dtype) for x in jax.tree.leaves(wire.prefix_template(cfg, 64))]
+server.await_pull(4, leaves)
+server.await_pull(5, leaves)
+print(json.dumps([server.address(), wire.leaf_specs(leaves)]), flush=True)
+sys.stdin.read()
+"""
+
+
+class _Inbox:
+    """A decode instance's channel to nobody: what it sends is kept."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, msg):
+        self.sent.append(msg)
+
+
+def _until_reply(inst, inbox, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not inbox.sent:
+        assert time.monotonic() < deadline, "the decode instance never answered"
+        inst.work()
+        time.sleep(0.001)
+    return inbox.sent.pop(0)
+
+
+def test_pull_from_a_dead_prefill_or_an_expired_offer_fails_and_the_instance_serves_on(exports):
+    """Deterministic: the offering process is SIGKILLed after its offer and before the pull
+    (a connection to it already open: on JAX 0.10.2 the pulled arrays then fail), and an
+    in-process offer expires before its pull (its arrays never become ready, and waiting on
+    them would block forever: the instance gives up after ``pull_timeout_s``)."""
+    config = cluster_config(
+        {
+            "export": exports["root"],
+            "prefill": [{"name": "p0", "tasks": ["math"]}],
+            "decode": [{"name": "d0"}],
+            "slots": 2,
+            "max_len": 128,
+            "min_bucket": 64,
+            "pull_timeout_s": 1.0,
+        }
+    )
+    inst = DecodeInstance(config, config.decode[0], warm=False)
+    inst.channel = inbox = _Inbox()
+    env = {**os.environ, "PYTHONPATH": REPO}
+    offerer = subprocess.Popen(
+        [sys.executable, "-c", OFFER, exports["root"]],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        address, leaves = json.loads(offerer.stdout.readline())
+        decode = {"op": "decode", "transfer": address, "bucket": 64, "leaves": leaves}
+        decode |= {"max_tokens": 3, "ignore_eos": True}
+        inst.handle({**decode, "id": "first", "uuid": 4})  # connects, pulls
+        assert _until_reply(inst, inbox)["op"] == "started"
+        for _ in range(3):
+            inst.work()
+        assert [m["done"] for m in inbox.sent] == [[], [], ["first"]]
+        inbox.sent.clear()
+        offerer.send_signal(signal.SIGKILL)
+        offerer.wait(30)
+        start = time.monotonic()
+        inst.handle({**decode, "id": "dead", "uuid": 5})
+        reply = _until_reply(inst, inbox)
+        assert reply["op"] == "failed" and reply["id"] == "dead", reply
+        # the open connection sees the peer close (an error), else the pull times out
+        assert "Connection closed" in reply["error"] or "did not arrive" in reply["error"]
+        assert time.monotonic() - start < 10
+        assert not inst.pulls and not inst.active.any()
+    finally:
+        if offerer.poll() is None:
+            offerer.kill()
+            offerer.wait()
+    # an offer that expired before its pull, then a good one: the instance still serves
+    local = wire.start_transfer_server("127.0.0.1")
+    specs = [jax.ShapeDtypeStruct(tuple(shape), dtype) for shape, dtype in leaves]
+    arrays = [jnp.zeros(x.shape, x.dtype) for x in specs]
+    wire.Offers(local, 0.2).offer(6, arrays)
+    time.sleep(1.0)
+    decode["transfer"] = local.address()
+    inst.handle({**decode, "id": "expired", "uuid": 6})
+    start = time.monotonic()
+    reply = _until_reply(inst, inbox)
+    assert reply["op"] == "failed" and reply["id"] == "expired", reply
+    assert "did not arrive in pull_timeout_s=1.0" in reply["error"]
+    assert 1.0 <= time.monotonic() - start < 10
+    wire.Offers(local, 30).offer(7, arrays)
+    inst.handle({**decode, "id": "good", "uuid": 7})
+    assert _until_reply(inst, inbox) == {
+        "op": "started",
+        "id": "good",
+        "pull_s": pytest.approx(0, abs=10),
+    }
+    inst.work()
+    assert inbox.sent[-1]["items"][0][0] == "good"
+
+
+def test_reprefill_lost_completes_every_stream_equal_to_generate(exports):
+    """A decode instance SIGKILLed mid-stream with ``reprefill_lost``: its requests run again
+    from the prompt on the survivor; every client gets the whole greedy output, token for token
+    what ``sunjax.generate`` makes, and the streamed text once, without repeats."""
+    n = 200
+    tok = exports["tok"]
+    ids = tok.encode("Tell me a story")
+    with LocalCluster(
+        exports["root"],
+        prefill={"p0": ["math", "code"]},
+        decode=["d0", "d1"],
+        compile_cache=exports["cache"],
+        reprefill_lost=True,
+        **SETTINGS,
+    ) as c:
+        client = c.client(timeout=60)
+        started, streamed = {}, {}
+
+        def stream(i):
+            texts, tokens, reason = [], [], None
+            for chunk in client.completions.create(
+                model=("math", "code")[i % 2],
+                prompt=ids,
+                max_tokens=n,
+                temperature=0,
+                logprobs=0,
+                stream=True,
+            ):
+                choice = chunk.choices[0]
+                texts.append(choice.text)
+                tokens += choice.logprobs.tokens if choice.logprobs else []
+                reason = choice.finish_reason or reason
+                started.setdefault(i, time.monotonic())
+            streamed[i] = (texts, tokens, reason)
+
+        with cf.ThreadPoolExecutor(4) as ex:
+            futures = [ex.submit(stream, i) for i in range(4)]
+            deadline = time.monotonic() + 60
+            while len(started) < 4 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert len(started) == 4, "the streams did not start"
+            c.kill("d1")
+            for f in futures:
+                f.result(timeout=120)
+        h = c.health()
+        assert h["down"] == ["d1"] and h["reprefilled"] == 2, h
+        for i in range(4):
+            texts, tokens, reason = streamed[i]
+            want = reference_ids(exports, ("math", "code")[i % 2], ids, n)
+            assert tokens == [tok.decode([t]) for t in want], i
+            assert reason == ("length" if len(want) == n else "stop")
+            assert "".join(texts) == tok.decode(want, skip_special_tokens=True), i
