@@ -184,30 +184,6 @@ def _summary(results, wall: float) -> dict:
     }
 
 
-def overlap_loop(export: str, args) -> dict:
-    """(b): ``serve.loop`` in this process, 2 workers x ``slots``, SUN, least-loaded."""
-    config = ServeConfig(
-        loader="export",
-        export=export,
-        tasks=TASKS,
-        workers=2,
-        slots_per_worker=args.slots,
-        max_len=128,
-        min_bucket=16,
-    )
-    models = load_from_export(config)
-    pool, router = build(config, models)
-    serve_once(config, models, pool, router, _workload(args, 0.0, 1.0, "warm")[:16])
-    out = {}
-    for rate in args.rates:
-        for alpha in args.alphas:
-            arrivals = _workload(args, rate, alpha, f"loop-{rate}-{alpha}")
-            summary, results = serve_once(config, models, pool, router, arrivals)
-            out[f"rate={rate:g},alpha={alpha:g}"] = _summary(results, summary["wall_s"])
-            print("loop", rate, alpha, json.dumps(out[f"rate={rate:g},alpha={alpha:g}"]))
-    return out
-
-
 def _replay(sched: ClusterScheduler, arrivals) -> tuple[list, float]:
     """``serve.loop.replay`` for the frontend (whose ``busy`` is always true)."""
     start = time.perf_counter()
@@ -221,8 +197,32 @@ def _replay(sched: ClusterScheduler, arrivals) -> tuple[list, float]:
     return results, time.perf_counter() - start
 
 
-def overlap_cluster(export: str, args, env: dict) -> dict:
-    """(a): 1 prefill + 2 decode processes x ``slots``, SUN, the frontend in this process."""
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def overlap(export: str, args, env: dict) -> dict:
+    """Each (rate, alpha) cell served by (b) ``serve.loop`` here (2 workers x ``slots``), then
+    at once by (a) the cluster (1 prefill + 2 decode processes x ``slots``, the frontend
+    here); both SUN, least-loaded. The cells alternate between the two so that a change in
+    the machine's background load hits both alike."""
+    config = ServeConfig(
+        loader="export",
+        export=export,
+        tasks=TASKS,
+        workers=2,
+        slots_per_worker=args.slots,
+        max_len=128,
+        min_bucket=16,
+    )
+    models = load_from_export(config)
+    pool, router = build(config, models)
     raw = {
         "policy": "sun",
         "export": export,
@@ -236,36 +236,28 @@ def overlap_cluster(export: str, args, env: dict) -> dict:
     }
     path, procs = start(raw, env)
     sched = ClusterScheduler(cluster_config(raw), TINY, poll_s=0.001)
-    out = {}
+    loop, cluster = {}, {}
     try:
         sched.wait_ready(600)
-        _replay(sched, _workload(args, 0.0, 1.0, "warm")[:16])
+        warm = _workload(args, 0.0, 1.0, "warm")[:16]
+        serve_once(config, models, pool, router, warm)
+        _replay(sched, warm)
         for rate in args.rates:
             for alpha in args.alphas:
-                arrivals = _workload(args, rate, alpha, f"cluster-{rate}-{alpha}")
+                cell = f"rate={rate:g},alpha={alpha:g}"
+                arrivals = _workload(args, rate, alpha, f"loop-{cell}")
+                summary, results = serve_once(config, models, pool, router, arrivals)
+                loop[cell] = _summary(results, summary["wall_s"])
+                arrivals = _workload(args, rate, alpha, f"cluster-{cell}")
                 results, wall = _replay(sched, arrivals)
-                out[f"rate={rate:g},alpha={alpha:g}"] = _summary(results, wall)
-                print("cluster", rate, alpha, json.dumps(out[f"rate={rate:g},alpha={alpha:g}"]))
+                cluster[cell] = _summary(results, wall)
+                for name, s in (("loop", loop[cell]), ("cluster", cluster[cell])):
+                    s["load_average_1min"] = os.getloadavg()[0]
+                    print(name, cell, json.dumps(s), flush=True)
     finally:
         sched.close()
         _stop(procs)
         os.unlink(path)
-    return out
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-
-
-def overlap(export: str, args, env: dict) -> dict:
-    loop = overlap_loop(export, args)
-    cluster = overlap_cluster(export, args, env)
     keys = ("throughput_tok_s", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99")
     ratio = {
         cell: {k: cluster[cell][k] / loop[cell][k] for k in keys if loop[cell][k]} for cell in loop
@@ -276,7 +268,6 @@ def overlap(export: str, args, env: dict) -> dict:
         "loop": f"serve.loop in one process: 2 decode workers x {args.slots} slots",
         "requests": args.requests,
         "arrivals": "Poisson at each rate (req/s); ignore_eos; prompts 8-48, outputs 16-64",
-        "load_average_before": os.getloadavg(),
         "cpus": os.cpu_count(),
     }
     return {"meta": meta, "loop": loop, "cluster": cluster, "cluster_over_loop": ratio}
@@ -307,8 +298,12 @@ def main(argv: list[str] | None = None) -> int:
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     }
     if args.overlap:
+        load_before = os.getloadavg()
         report = overlap(export, args, env)
-        report["meta"]["load_average_after"] = os.getloadavg()
+        report["meta"] |= {
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+        }
         with open(os.path.join(args.out, "overlap.json"), "w") as f:
             json.dump(report, f, indent=2)
         return 0
