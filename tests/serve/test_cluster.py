@@ -22,11 +22,13 @@ import openai
 import pytest
 
 from apps.local_cluster import LocalCluster
-from apps.remote_server import REPO
-from apps.tiny import tiny_export
+from apps.remote_server import REPO, free_port
+from apps.tiny import TINY, tiny_export
 from serve.cluster import wire
 from serve.cluster.config import cluster_config, load_cluster_config
+from serve.cluster.frontend import ClusterScheduler
 from serve.cluster.instances import DecodeInstance
+from serve.scheduler import Request
 from sunjax.export import load_export
 from sunjax.generate import generate
 from sunjax.tokenizer import eos_ids, load_tokenizer
@@ -123,6 +125,9 @@ def test_config_files_load_and_bad_values_are_named():
         cluster_config({**base, "decode": [{"name": "d0", "gpu": 1}]})
     with pytest.raises(ValueError, match="heartbeat_s=3"):
         cluster_config({**base, "heartbeat_s": 3})
+    with pytest.raises(ValueError, match="pull_timeout_s=0 must be > 0"):
+        cluster_config({**base, "pull_timeout_s": 0})
+    assert not cluster_config(base).reprefill_lost  # opt-in
 
 
 def test_ports_bind_localhost(sun):
@@ -405,3 +410,68 @@ def test_reprefill_lost_completes_every_stream_equal_to_generate(exports):
             assert tokens == [tok.decode([t]) for t in want], i
             assert reason == ("length" if len(want) == n else "stop")
             assert "".join(texts) == tok.decode(want, skip_special_tokens=True), i
+
+
+def test_reprefill_suppresses_the_replayed_tokens_and_fails_a_divergent_rerun():
+    """The frontend alone, fed the messages its instances would send: a request lost after
+    three tokens re-runs under a new wire id; the re-run's first three tokens are checked and
+    not recorded again; a re-run that regenerates a different token ends in an error."""
+    config = cluster_config(
+        {
+            "export": "unused",
+            "prefill": [{"name": "p0", "tasks": ["math"]}],
+            "decode": [{"name": "d0"}, {"name": "d1"}],
+            "control_port": free_port(),
+            "slots": 2,
+            "max_len": 128,
+            "min_bucket": 16,
+            "reprefill_lost": True,
+        }
+    )
+    sched = ClusterScheduler(config, TINY)
+
+    def run(wid, tokens):
+        """Prefill and decode wire id ``wid`` on the instances the frontend picked."""
+        flight = sched.flights[wid]
+        sched._handle(
+            flight.prefill,
+            {"op": "prefilled", "id": wid, "uuid": 1, "token": tokens[0], "bucket": 16}
+            | {"leaves": [], "kv_bytes": 0, "prefill_s": 0.0},
+        )
+        sched._handle(flight.decode, {"op": "started", "id": wid, "pull_s": 0.0})
+        for t in tokens[1:]:
+            sched._handle(flight.decode, {"op": "tokens", "items": [[wid, t]], "done": []})
+        return flight.decode
+
+    def beat(name, epoch):
+        role = "prefill" if name == "p0" else "decode"
+        msg = {"op": "heartbeat", "role": role, "name": name, "epoch": epoch}
+        sched._handle(name, msg | {"transfer": "t", "fingerprint": "f"})
+
+    try:
+        for name in ("p0", "d0", "d1"):
+            beat(name, name)
+        ok = sched.submit(Request(id="ok", model="math", prompt=(1, 2, 3), max_tokens=5))
+        sched._dispatch()
+        lost = run("ok", [10, 11, 12])
+        sched._lose(sched._instance(lost), "test")
+        assert sched._health()["reprefilled"] == 1 and not sched.flights
+        sched._dispatch()
+        survivor = sched.flights["ok~1"].decode
+        assert survivor != lost
+        sched._handle(lost, {"op": "tokens", "items": [["ok", 99]], "done": []})  # ignored
+        run("ok~1", [10, 11, 12, 13, 14])
+        assert ok.finish_reason == "length" and ok.tokens == [10, 11, 12, 13, 14]
+
+        bad = sched.submit(Request(id="bad", model="math", prompt=(4, 5), max_tokens=5))
+        sched._dispatch()
+        run("bad", [20, 21, 22])
+        beat(lost, "restarted")  # the lost instance rejoins; then the survivor is lost
+        sched._lose(sched._instance(survivor), "test")
+        sched._dispatch()
+        run("bad~1", [20, 21, 23])
+        assert bad.finish_reason == "error" and bad.tokens == [20, 21, 22]
+        assert "diverged at token 2: 23 != 22 already sent" in bad.error
+        assert sched._health()["reprefilled"] == 2 and not sched.flights and not sched.queue
+    finally:
+        sched.close()
