@@ -16,7 +16,9 @@ instead and run again from the prompt on the survivors: sampling is seeded per p
 the re-run regenerates the tokens already streamed; the frontend checks them against what it
 sent and suppresses them (a mismatch ends the request with an error, never a wrong
 continuation), then streams the rest. Each attempt has its own wire id (``id``, ``id~1``,
-...), so a late message of an abandoned attempt cannot land in the new one.
+...), so a late message of an abandoned attempt cannot land in the new one. A decode
+instance's ``failed`` with ``retry`` (its KV pull failed: the prefill died under it) re-runs
+the request the same way.
 
 New requests whose task has no live prefill instance, or whose model has no live decode
 instance, are refused with a 503 naming the instances. A lost instance that heartbeats again
@@ -347,7 +349,9 @@ class ClusterScheduler:
             self._tokens(inst, msg)
         elif op == "failed":
             if flight is not None and name in (flight.prefill, flight.decode):
-                self._end(flight, "error", f"{inst.role} instance {name!r}: {msg['error']}")
+                error = f"{inst.role} instance {name!r}: {msg['error']}"
+                if not (msg.get("retry") and self._rerun(flight)):
+                    self._end(flight, "error", error)
         else:
             log.warning("unknown op %r from %s", op, name)
 
@@ -519,22 +523,25 @@ class ClusterScheduler:
         inst.up, inst.lost = False, inst.lost + 1
         if self.metrics is not None:
             self.metrics.instance(inst.name, inst.role, False)
-        rerun = []
-        for flight in list(self.flights.values()):
+        # oldest first: each re-run goes to the head of the queue, so walk the newest first
+        for flight in reversed(list(self.flights.values())):
             on_prefill = flight.prefill == inst.name and flight.phase in ("prefill", "handoff")
-            if on_prefill or flight.decode == inst.name:
-                error = f"{inst.role} instance {inst.name!r} was lost ({why})"
-                rid = flight.live.request.id
-                if not self.config.reprefill_lost or self.attempts.get(rid, 0) + 1 >= MAX_ATTEMPTS:
-                    self._end(flight, "error", error)
-                    continue
-                self._drop(flight)
-                self.attempts[rid] = self.attempts.get(rid, 0) + 1
-                rerun.append(flight.live)
-        # the re-runs go first, oldest first: they have clients waiting mid-stream
-        self.queue.extendleft(reversed(rerun))
-        self.reprefills += len(rerun)
+            if (on_prefill or flight.decode == inst.name) and not self._rerun(flight):
+                self._end(flight, "error", f"{inst.role} instance {inst.name!r} was lost ({why})")
         inst.assigned = 0
+
+    def _rerun(self, flight: Flight) -> bool:
+        """With ``reprefill_lost``: take ``flight`` off its instances and queue its request
+        again, at the head (a client waits mid-stream). False when off, or when the request
+        has used up its ``MAX_ATTEMPTS``."""
+        rid = flight.live.request.id
+        if not self.config.reprefill_lost or self.attempts.get(rid, 0) + 1 >= MAX_ATTEMPTS:
+            return False
+        self._drop(flight)
+        self.attempts[rid] = self.attempts.get(rid, 0) + 1
+        self.queue.appendleft(flight.live)
+        self.reprefills += 1
+        return True
 
     def close(self) -> None:
         self.hub.close()

@@ -263,14 +263,17 @@ class DecodeInstance(_Role):
                         "instance died or the offer expired"
                     )
                     log.warning("decode %s: %s", self.spec.name, error)
-                    self.channel.send({"op": "failed", "id": msg["id"], "error": error})
+                    self.channel.send(
+                        {"op": "failed", "id": msg["id"], "error": error, "retry": True}
+                    )
                 continue
             del self.pulls[slot]
             try:
                 jax.block_until_ready(pull.prefix)  # ready: raises if the transfer failed
             except jax.errors.JaxRuntimeError as e:  # e.g. the offering process died
                 self.puller.forget(msg["transfer"])
-                self.channel.send({"op": "failed", "id": msg["id"], "error": f"KV pull: {e}"})
+                failed = {"op": "failed", "id": msg["id"], "error": f"KV pull: {e}", "retry": True}
+                self.channel.send(failed)
                 continue
             self.pool.insert(pull.prefix, 0, slot)
             jax.block_until_ready(self.pool.state.tokens)

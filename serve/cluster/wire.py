@@ -16,7 +16,8 @@ Messages (instance -> frontend):
     heartbeat {role, name, epoch, transfer, tasks | model, slots, running}
     prefilled {id, uuid, bucket, token, logprob, top, leaves, kv_bytes, prefill_s}
     started {id, pull_s}        tokens {items: [[id, token, logprob, top], ...], done: [[id, why]]}
-    failed {id, error}          (prefill or decode could not take the request)
+    failed {id, error[, retry]} (prefill or decode could not take the request; retry: the
+                                 KV pull failed, a re-run elsewhere may succeed)
 Messages (frontend -> instance):
     prefill {id, model, prompt, sampling, logprobs}     release {uuid}
     decode {id, transfer, uuid, bucket, leaves, max_tokens, eos, ignore_eos, logprobs}   cancel {id}

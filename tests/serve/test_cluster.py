@@ -473,5 +473,21 @@ def test_reprefill_suppresses_the_replayed_tokens_and_fails_a_divergent_rerun():
         assert bad.finish_reason == "error" and bad.tokens == [20, 21, 22]
         assert "diverged at token 2: 23 != 22 already sent" in bad.error
         assert sched._health()["reprefilled"] == 2 and not sched.flights and not sched.queue
+
+        # a decode instance whose KV pull failed (the prefill died under it) says retry
+        pulled = sched.submit(Request(id="pulled", model="math", prompt=(6,), max_tokens=3))
+        sched._dispatch()
+        flight = sched.flights["pulled"]
+        sched._handle(
+            "p0",
+            {"op": "prefilled", "id": "pulled", "uuid": 2, "token": 30, "bucket": 16}
+            | {"leaves": [], "kv_bytes": 0, "prefill_s": 0.0},
+        )
+        failed = {"op": "failed", "id": "pulled", "error": "KV pull: closed", "retry": True}
+        sched._handle(flight.decode, failed)
+        sched._dispatch()
+        run("pulled~1", [30, 31, 32])
+        assert pulled.finish_reason == "length" and pulled.tokens == [30, 31, 32]
+        assert sched._health()["reprefilled"] == 3
     finally:
         sched.close()
