@@ -66,6 +66,8 @@ class ClusterConfig:
     pull_timeout_s: float = 10.0  # a decode instance gives up a KV pull after this
     reprefill_lost: bool = False  # re-run a lost instance's requests instead of failing them
     log_level: str = "warning"
+    allow_model_management: bool = False  # POST /v1/models/load|unload (SUN only)
+    export_root: str | None = None  # where /v1/models/load may read exports from
 
     def __post_init__(self):
         if self.policy not in POLICIES:

@@ -160,6 +160,8 @@ class ClusterScheduler:
         self.flights: dict[str, Flight] = {}  # by wire id
         self.attempts: dict[str, int] = {}  # request id -> re-runs so far (reprefill_lost)
         self.reprefills = 0  # requests sent back to the queue after an instance was lost
+        # /v1/models/load: (prefill instance, task) -> the callback awaiting its answer
+        self.loading: dict[tuple[str, str], Callable[[str | None], None]] = {}
         self.results: dict[str, Result] = {}
         self.handoffs: list[Handoff] = []
         self.decode_steps = 0  # decode steps of all decode instances
@@ -252,6 +254,36 @@ class ClusterScheduler:
     def _all(self):
         yield from self.queue
         yield from (f.live for f in self.flights.values())
+
+    # -- model management (the server's /v1/models/load|unload) -----------------------------
+    def load_task(self, name: str, root: str, done: Callable[[str | None], None]) -> None:
+        """Have the live prefill instance with the fewest tasks load task ``name`` of the
+        export at ``root`` (a path it can read); ``done(None)`` once it serves it, else
+        ``done(why)``."""
+        up = [p for p in self.prefills.values() if p.up]
+        if not up:
+            raise APIError(503, "no prefill instance is up to load a model", code="unavailable")
+        inst = min(up, key=lambda p: len(p.tasks))
+        self.loading[(inst.name, name)] = done
+        self.hub.send(inst.name, {"op": "load", "task": name, "root": root})
+
+    def unload_task(self, name: str) -> None:
+        """Drop task ``name`` from every prefill instance (no request of it is in flight)."""
+        self.prefill_params.pop(name, None)
+        for inst in self.prefills.values():
+            if name in inst.tasks:
+                inst.tasks = tuple(t for t in inst.tasks if t != name)
+                if inst.up:
+                    self.hub.send(inst.name, {"op": "unload", "task": name})
+
+    def _loaded(self, inst: Instance, msg: dict) -> None:
+        done = self.loading.pop((inst.name, msg["task"]), None)
+        if msg["op"] == "loaded":
+            if msg["task"] not in inst.tasks:
+                inst.tasks = (*inst.tasks, msg["task"])
+            self.prefill_params[msg["task"]] = None
+        if done is not None:
+            done(None if msg["op"] == "loaded" else f"prefill {inst.name!r}: {msg['error']}")
 
     # -- the loop --------------------------------------------------------------------------
     def step(self) -> None:
@@ -347,6 +379,8 @@ class ClusterScheduler:
             self._started(inst, flight, msg)
         elif op == "tokens":
             self._tokens(inst, msg)
+        elif op in ("loaded", "load_failed"):
+            self._loaded(inst, msg)
         elif op == "failed":
             if flight is not None and name in (flight.prefill, flight.decode):
                 error = f"{inst.role} instance {name!r}: {msg['error']}"
@@ -386,6 +420,8 @@ class ClusterScheduler:
                 self.metrics.instance(name, inst.role, True)
         inst.transfer = msg["transfer"]
         inst.slots = int(msg.get("slots", inst.slots))
+        if inst.role == "prefill" and "tasks" in msg:  # what it holds now (loads, restarts)
+            inst.tasks = tuple(msg["tasks"])
         inst.last_seen = time.monotonic()
 
     def _prefilled(self, inst: Instance, flight: Flight | None, msg: dict) -> None:
@@ -521,6 +557,8 @@ class ClusterScheduler:
     def _lose(self, inst: Instance, why: str) -> None:
         log.error("%s instance %s lost: %s", inst.role, inst.name, why)
         inst.up, inst.lost = False, inst.lost + 1
+        for key in [k for k in self.loading if k[0] == inst.name]:
+            self.loading.pop(key)(f"prefill instance {inst.name!r} was lost ({why})")
         if self.metrics is not None:
             self.metrics.instance(inst.name, inst.role, False)
         # oldest first: each re-run goes to the head of the queue, so walk the newest first

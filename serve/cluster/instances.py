@@ -33,6 +33,7 @@ from serve.cluster import wire
 from serve.cluster.config import ClusterConfig, DecodeSpec, PrefillSpec
 from serve.engine import Engine, EngineConfig, sampling_params
 from serve.pool import DecodePool
+from serve.server.models import check_task
 from sunjax.export import load_decode, load_prefill
 
 log = logging.getLogger("sunjax.cluster")
@@ -117,7 +118,7 @@ class PrefillInstance(_Role):
     def announce(self) -> dict:
         return {
             **super().announce(),
-            "tasks": list(self.spec.tasks),
+            "tasks": list(self.params),
             "offers": len(self.offers.held),
         }
 
@@ -130,6 +131,17 @@ class PrefillInstance(_Role):
                 self.channel.send(self.prefill(msg))
             except ValueError as e:
                 self.channel.send({"op": "failed", "id": msg["id"], "error": str(e)})
+        elif op == "load":  # /v1/models/load on the frontend
+            task, root = msg["task"], msg["root"]
+            try:
+                check_task(root, task, self.manifest["decode_fingerprint"])
+                self.params[task] = load_prefill(root, task, self.decode_tree)
+            except (OSError, ValueError) as e:
+                self.channel.send({"op": "load_failed", "task": task, "error": str(e)})
+                return
+            self.channel.send({"op": "loaded", "task": task})
+        elif op == "unload":
+            self.params.pop(msg["task"], None)
         else:
             log.warning("prefill %s: unknown op %r", self.spec.name, op)
 

@@ -75,7 +75,11 @@ def run_frontend(config: ClusterConfig) -> int:
         return ms, sched
 
     runtime = Runtime(setup, metrics=metrics, policy=config.policy)
-    app = build_app(runtime)
+    app = build_app(
+        runtime,
+        allow_model_management=config.allow_model_management,
+        export_root=config.export_root,
+    )
     server = DrainingServer(
         uvicorn.Config(
             app,

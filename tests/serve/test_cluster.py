@@ -98,6 +98,8 @@ def sun(exports):
         prefill={"p0": ["math", "code"]},
         decode=["d0", "d1"],
         compile_cache=exports["cache"],
+        allow_model_management=True,
+        export_root=os.path.dirname(exports["root"]),
         **SETTINGS,
     ) as c:
         yield c
@@ -158,6 +160,41 @@ def test_sun_equals_generate_with_models_mixed_in_decode_batches(sun, exports):
 def test_unknown_task_is_404(sun):
     with pytest.raises(openai.NotFoundError, match="model 'chat' is not served"):
         sun.client().completions.create(model="chat", prompt="Hi", max_tokens=2)
+
+
+def test_models_load_and_unload_through_the_frontend(sun, exports):
+    """``POST /v1/models/load`` on the cluster: the frontend checks the export's fingerprint,
+    a prefill instance loads the module, and the task serves (its own prefill tree, then the
+    shared decode tree); unload takes it away again."""
+    more = os.path.join(os.path.dirname(exports["root"]), "more")
+    tiny_export(more, ("tool",))  # seed 0: the same decode tree as the served export
+    tool = load_export(more)[2]["tool"]
+    client, tok = sun.client(timeout=60), exports["tok"]
+    url = f"{sun.url}/v1/models"
+    r = httpx.post(f"{url}/load", json={"name": "chat", "path": "more"}, timeout=60)
+    assert r.status_code == 400 and "task 'chat' is not in export" in r.text
+    r = httpx.post(f"{url}/load", json={"name": "tool", "path": "more"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert "tool" in [m.id for m in client.models.list()]
+    ids = tok.encode("def add(a, b):")
+    out = client.completions.create(
+        model="tool", prompt=ids, max_tokens=8, temperature=0, logprobs=0
+    )
+    want = generate(
+        exports["cfg"],
+        tool,
+        [ids],
+        max_new_tokens=8,
+        eos_ids=eos_ids(tok),
+        decode_params=exports["decode"],
+    )
+    assert out.choices[0].logprobs.tokens == [tok.decode([t]) for t in want.tokens[0]]
+    r = httpx.post(f"{url}/load", json={"name": "tool", "path": "more"}, timeout=60)
+    assert r.status_code == 409
+    r = httpx.post(f"{url}/unload", json={"name": "tool"}, timeout=60)
+    assert r.status_code == 200, r.text
+    with pytest.raises(openai.NotFoundError, match="model 'tool' is not served"):
+        client.completions.create(model="tool", prompt=ids, max_tokens=2)
 
 
 def test_decode_killed_mid_stream_fails_its_requests_and_a_restart_rejoins(sun, exports):
