@@ -13,6 +13,9 @@
 ``reprefill_lost: true`` (``--reprefill-lost``) re-runs the requests of a lost instance on the
 survivors instead of failing them (see ``frontend``).
 
+``allow_model_management: true`` with ``export_root: DIR`` turns on ``POST /v1/models/load``
+and ``/unload`` (SUN only): a prefill instance loads the module, from a path it can read.
+
 ``sunjax cluster --config FILE`` starts every role on this host; ``--role decode --name d1``
 starts one instance (another host, or a restart). Instances connect to the frontend's
 control port; each also binds a transfer server (``transfer_port``, 0 = any free port).

@@ -9,7 +9,10 @@ pool for SUN, the model's own instances for conventional) -> ``prefilled`` (firs
 tells the prefill instance to ``release`` the offer -> ``tokens`` until EOS, the token budget
 or a stop string (then ``cancel``).
 
-Failure: an instance silent for ``lost_after_s`` (or back with a new epoch) is lost; its
+Failure: an instance silent for ``lost_after_s`` (or back with a new epoch) is lost (silence
+counts only while the frontend's own loop runs: a frontend paused or starved along with
+its instances, e.g. the whole host stopped for a while, does not then declare them all
+lost before their first heartbeat arrives); its
 requests end with ``finish_reason="error"`` and ``Result.error`` saying which instance was
 lost (the server answers 503). With ``reprefill_lost`` they go back to the head of the queue
 instead and run again from the prompt on the survivors: sampling is seeded per position, so
@@ -167,6 +170,7 @@ class ClusterScheduler:
         self.decode_steps = 0  # decode steps of all decode instances
         self.decode_rows = 0  # requests those steps advanced (occupancy = rows / steps / slots)
         self.hub = wire.Hub(f"tcp://{config.host}:{config.control_port}")
+        self._checked: float | None = None  # when step last looked for lost instances
         self._fingerprint: str | None = None
         self.snapshot: dict = self._health()
         if metrics is not None:
@@ -294,6 +298,12 @@ class ClusterScheduler:
             except (KeyError, TypeError, ValueError) as e:  # a malformed message: log it
                 log.warning("bad message from %s: %s (%r)", name, msg.get("op"), e)
         now = time.monotonic()
+        if self._checked is not None:
+            stall = now - self._checked - self.poll_s - self.config.heartbeat_s
+            if stall > 0:  # this loop did not run (paused, starved): not the instances' silence
+                for inst in self.instances():
+                    inst.last_seen += stall
+        self._checked = now
         for inst in self.instances():
             if inst.up and now - inst.last_seen > self.config.lost_after_s:
                 self._lose(inst, f"no heartbeat for {now - inst.last_seen:.1f} s")

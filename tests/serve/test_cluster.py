@@ -528,3 +528,33 @@ def test_reprefill_suppresses_the_replayed_tokens_and_fails_a_divergent_rerun():
         assert sched._health()["reprefilled"] == 3
     finally:
         sched.close()
+
+
+def test_a_stalled_frontend_does_not_count_its_own_pause_as_instance_silence():
+    """Everything stopped for 3 s (SIGSTOP of the host's jobs, a starved CPU): when the
+    frontend runs again, the instances' heartbeats are not in yet; that is no loss. An
+    instance silent while the frontend ran is lost."""
+    config = cluster_config(
+        {
+            "export": "unused",
+            "prefill": [{"name": "p0", "tasks": ["math"]}],
+            "decode": [{"name": "d0"}],
+            "control_port": free_port(),
+        }
+    )
+    sched = ClusterScheduler(config, TINY, poll_s=0.0)
+    try:
+        for name, role in (("p0", "prefill"), ("d0", "decode")):
+            msg = {"op": "heartbeat", "role": role, "name": name, "epoch": name}
+            sched._handle(name, msg | {"transfer": "t", "fingerprint": "f"})
+        sched.step()
+        sched._checked -= 3.0  # the frontend's last look was 3 s ago, and so were the beats
+        for inst in sched.instances():
+            inst.last_seen -= 3.0
+        sched.step()
+        assert sched.snapshot["down"] == []
+        sched._instance("d0").last_seen -= 3.0  # silent while the frontend kept running
+        sched.step()
+        assert sched.snapshot["down"] == ["d0"]
+    finally:
+        sched.close()
