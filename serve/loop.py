@@ -180,7 +180,9 @@ def build(
     return pool, router
 
 
-def warm_up(pool: DecodePool, params: Params, prompt_lengths: Sequence[int] | None = None) -> None:
+def warm_up(
+    pool: DecodePool, params: Params, prompt_lengths: Sequence[int] | None = None
+) -> None:
     """Compile prefill for every bucket (or those of ``prompt_lengths``), insert on every
     worker, and the decode step, so latencies measure serving and not compilation."""
     if prompt_lengths is None:
