@@ -11,6 +11,13 @@ at each alpha under both policies:
 Writes ``DIR/bench.json``: per policy and alpha, throughput, TTFT / TPOT percentiles,
 decode-batch occupancy and the hand-off (frontend-observed seconds from first token to KV
 inserted, the decode process's pull + insert, KV bytes per request).
+
+``--overlap`` measures instead what running prefill and decode in separate processes gains
+over the single-process serving loop (``serve.loop``, where a prefill stalls every running
+stream): the same seeded Zipf workload with Poisson arrivals at each ``--rates`` value, served
+(a) by ``serve.loop`` with 2 decode workers x ``--slots`` slots in this process, then (b) by
+the cluster (1 prefill + 2 decode processes x ``--slots`` slots, the frontend in this process)
+on the same cores. Writes ``DIR/overlap.json``: both summaries and cluster / loop ratios.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from apps.remote_server import REPO, free_port
 from apps.tiny import TINY, tiny_export
 from serve.cluster.config import cluster_config
 from serve.cluster.frontend import ClusterScheduler
+from serve.loop import ServeConfig, build, load_from_export, serve_once
+from serve.pool import ensure_cpu_devices
 from serve.workload import WorkloadConfig, make_workload
 
 TASKS = ("math", "code")
@@ -129,15 +138,139 @@ def run_policy(policy: str, export: str, args, env: dict) -> dict:
             print(policy, alpha, json.dumps(out[str(alpha)]), flush=True)
     finally:
         sched.close()
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        _stop(procs)
         os.unlink(path)
     return out
+
+
+def _workload(args, rate: float, alpha: float, tag: str):
+    """The seeded arrivals of one (rate, alpha) cell, ``ignore_eos``, ids tagged ``tag``."""
+    work = make_workload(
+        WorkloadConfig(
+            requests=args.requests,
+            rate=rate,
+            zipf_alpha=alpha,
+            prompt_len=(8, 48),
+            output_len=(16, 64),
+        ),
+        list(TASKS),
+        TINY.vocab_size,
+    )
+    return [
+        dataclasses.replace(
+            a,
+            request=dataclasses.replace(a.request, id=f"{tag}-{a.request.id}", ignore_eos=True),
+        )
+        for a in work
+    ]
+
+
+def _summary(results, wall: float) -> dict:
+    done = [r for r in results if r.finish_reason == "length"]
+    if len(done) != len(results):
+        bad = [r.finish_reason for r in results if r.finish_reason != "length"]
+        raise RuntimeError(f"{len(bad)} requests did not finish: {bad[:3]}")
+    tokens = sum(len(r.tokens) for r in done)
+    ttft, tpot = [r.ttft for r in done], [r.tpot for r in done if r.tpot]
+    return {
+        "requests": len(done),
+        "tokens": tokens,
+        "wall_s": wall,
+        "throughput_tok_s": tokens / wall,
+        "ttft_ms_p50": 1e3 * _pct(ttft, 50),
+        "ttft_ms_p99": 1e3 * _pct(ttft, 99),
+        "tpot_ms_p50": 1e3 * _pct(tpot, 50),
+        "tpot_ms_p99": 1e3 * _pct(tpot, 99),
+    }
+
+
+def _replay(sched: ClusterScheduler, arrivals) -> tuple[list, float]:
+    """``serve.loop.replay`` for the frontend (whose ``busy`` is always true)."""
+    start = time.perf_counter()
+    results, i = [], 0
+    while i < len(arrivals) or sched.queue or sched.flights:
+        now = time.perf_counter() - start
+        while i < len(arrivals) and arrivals[i].at <= now:
+            results.append(sched.submit(arrivals[i].request, arrival=start + arrivals[i].at))
+            i += 1
+        sched.step()
+    return results, time.perf_counter() - start
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def overlap(export: str, args, env: dict) -> dict:
+    """Each (rate, alpha) cell served by (b) ``serve.loop`` here (2 workers x ``slots``), then
+    at once by (a) the cluster (1 prefill + 2 decode processes x ``slots``, the frontend
+    here); both SUN, least-loaded. The cells alternate between the two so that a change in
+    the machine's background load hits both alike."""
+    config = ServeConfig(
+        loader="export",
+        export=export,
+        tasks=TASKS,
+        workers=2,
+        slots_per_worker=args.slots,
+        max_len=128,
+        min_bucket=16,
+    )
+    models = load_from_export(config)
+    pool, router = build(config, models)
+    raw = {
+        "policy": "sun",
+        "export": export,
+        "frontend": {"control_port": free_port()},
+        "prefill": [{"name": "p0", "tasks": list(TASKS)}],
+        "decode": [{"name": "d0"}, {"name": "d1"}],
+        "slots": args.slots,
+        "max_len": 128,
+        "min_bucket": 16,
+        "log_level": "error",
+    }
+    path, procs = start(raw, env)
+    sched = ClusterScheduler(cluster_config(raw), TINY, poll_s=0.001)
+    loop, cluster = {}, {}
+    try:
+        sched.wait_ready(600)
+        warm = _workload(args, 0.0, 1.0, "warm")[:16]
+        serve_once(config, models, pool, router, warm)
+        _replay(sched, warm)
+        for rate in args.rates:
+            for alpha in args.alphas:
+                cell = f"rate={rate:g},alpha={alpha:g}"
+                arrivals = _workload(args, rate, alpha, f"loop-{cell}")
+                summary, results = serve_once(config, models, pool, router, arrivals)
+                loop[cell] = _summary(results, summary["wall_s"])
+                arrivals = _workload(args, rate, alpha, f"cluster-{cell}")
+                results, wall = _replay(sched, arrivals)
+                cluster[cell] = _summary(results, wall)
+                for name, s in (("loop", loop[cell]), ("cluster", cluster[cell])):
+                    s["load_average_1min"] = os.getloadavg()[0]
+                    print(name, cell, json.dumps(s), flush=True)
+    finally:
+        sched.close()
+        _stop(procs)
+        os.unlink(path)
+    keys = ("throughput_tok_s", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99")
+    ratio = {
+        cell: {k: cluster[cell][k] / loop[cell][k] for k in keys if loop[cell][k]} for cell in loop
+    }
+    meta = {
+        "model": "apps.tiny.TINY (random, 2 layers, d_model 64, SmolLM2 vocabulary)",
+        "cluster": f"1 prefill + 2 decode processes x {args.slots} slots + the frontend",
+        "loop": f"serve.loop in one process: 2 decode workers x {args.slots} slots",
+        "requests": args.requests,
+        "arrivals": "Poisson at each rate (req/s); ignore_eos; prompts 8-48, outputs 16-64",
+        "cpus": os.cpu_count(),
+    }
+    return {"meta": meta, "loop": loop, "cluster": cluster, "cluster_over_loop": ratio}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,8 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alphas", default="0,1,1.5")
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--slots", type=int, default=8, help="decode slots per decode process")
+    ap.add_argument("--overlap", action="store_true", help="cluster vs serve.loop instead")
+    ap.add_argument("--rates", default="15,1000", help="--overlap: arrival rates (req/s)")
     args = ap.parse_args(argv)
     args.alphas = [float(a) for a in args.alphas.split(",")]
+    args.rates = [float(r) for r in args.rates.split(",")]
+    ensure_cpu_devices(2)  # --overlap: serve.loop's two decode workers
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="sunjax-bench-cluster-")
     export = os.path.join(work, "exp")
@@ -160,6 +297,16 @@ def main(argv: list[str] | None = None) -> int:
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     }
+    if args.overlap:
+        load_before = os.getloadavg()
+        report = overlap(export, args, env)
+        report["meta"] |= {
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+        }
+        with open(os.path.join(args.out, "overlap.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        return 0
     results = {p: run_policy(p, export, args, env) for p in ("sun", "conventional")}
     meta = {
         "model": "apps.tiny.TINY (random, 2 layers, d_model 64, SmolLM2 vocabulary)",

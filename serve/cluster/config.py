@@ -10,6 +10,12 @@
       - {name: d0}               # conventional: {name: d0, model: math}
       - {name: d1}
 
+``reprefill_lost: true`` (``--reprefill-lost``) re-runs the requests of a lost instance on the
+survivors instead of failing them (see ``frontend``).
+
+``allow_model_management: true`` with ``export_root: DIR`` turns on ``POST /v1/models/load``
+and ``/unload`` (SUN only): a prefill instance loads the module, from a path it can read.
+
 ``sunjax cluster --config FILE`` starts every role on this host; ``--role decode --name d1``
 starts one instance (another host, or a restart). Instances connect to the frontend's
 control port; each also binds a transfer server (``transfer_port``, 0 = any free port).
@@ -60,7 +66,11 @@ class ClusterConfig:
     heartbeat_s: float = 0.2  # every instance says it is alive this often
     lost_after_s: float = 2.0  # silent this long: lost, its in-flight requests fail
     offer_timeout_s: float = 30.0  # an offered prefix nobody confirmed is freed after this
+    pull_timeout_s: float = 10.0  # a decode instance gives up a KV pull after this
+    reprefill_lost: bool = False  # re-run a lost instance's requests instead of failing them
     log_level: str = "warning"
+    allow_model_management: bool = False  # POST /v1/models/load|unload (SUN only)
+    export_root: str | None = None  # where /v1/models/load may read exports from
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -88,8 +98,9 @@ class ClusterConfig:
             raise ValueError(
                 f"need 0 < heartbeat_s={self.heartbeat_s} < lost_after_s={self.lost_after_s}"
             )
-        if self.offer_timeout_s <= 0:
-            raise ValueError(f"offer_timeout_s={self.offer_timeout_s} must be > 0")
+        for name in ("offer_timeout_s", "pull_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         tasks = self.tasks
         models = [s.model for s in self.decode]
         if self.policy == "sun" and any(m is not None for m in models):

@@ -9,11 +9,23 @@ pool for SUN, the model's own instances for conventional) -> ``prefilled`` (firs
 tells the prefill instance to ``release`` the offer -> ``tokens`` until EOS, the token budget
 or a stop string (then ``cancel``).
 
-Failure: an instance silent for ``lost_after_s`` (or back with a new epoch) is lost; its
+Failure: an instance silent for ``lost_after_s`` (or back with a new epoch) is lost (silence
+counts only while the frontend's own loop runs: a frontend paused or starved along with
+its instances, e.g. the whole host stopped for a while, does not then declare them all
+lost before their first heartbeat arrives); its
 requests end with ``finish_reason="error"`` and ``Result.error`` saying which instance was
-lost (the server answers 503). New requests whose task has no live prefill instance, or whose
-model has no live decode instance, are refused with a 503 naming the instances. A lost
-instance that heartbeats again rejoins.
+lost (the server answers 503). With ``reprefill_lost`` they go back to the head of the queue
+instead and run again from the prompt on the survivors: sampling is seeded per position, so
+the re-run regenerates the tokens already streamed; the frontend checks them against what it
+sent and suppresses them (a mismatch ends the request with an error, never a wrong
+continuation), then streams the rest. Each attempt has its own wire id (``id``, ``id~1``,
+...), so a late message of an abandoned attempt cannot land in the new one. A decode
+instance's ``failed`` with ``retry`` (its KV pull failed: the prefill died under it) re-runs
+the request the same way.
+
+New requests whose task has no live prefill instance, or whose model has no live decode
+instance, are refused with a 503 naming the instances. A lost instance that heartbeats again
+rejoins.
 """
 
 from __future__ import annotations
@@ -71,15 +83,21 @@ class Instance:
         return out | ({"assigned": self.assigned} if self.up else {})
 
 
+MAX_ATTEMPTS = 4  # reprefill_lost: a request lost this many times ends with an error
+
+
 @dataclasses.dataclass
 class Flight:
     live: _Live
     phase: str  # "prefill" | "handoff" | "decode"
     prefill: str
     decode: str
+    wire: str  # the id its messages carry: the request id, then id~1, id~2 for re-runs
     uuid: int | None = None  # the prefill instance's offer, until released
     handoff_at: float = 0.0
     kv_bytes: int = 0
+    replay: tuple[int, ...] = ()  # tokens already streamed, that this re-run must regenerate
+    matched: int = 0  # how many of them it has regenerated so far
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,12 +160,17 @@ class ClusterScheduler:
                 owners[s.model].append(i)
             self.router = ModelAffine(owners)
         self.queue: collections.deque[_Live] = collections.deque()
-        self.flights: dict[str, Flight] = {}
+        self.flights: dict[str, Flight] = {}  # by wire id
+        self.attempts: dict[str, int] = {}  # request id -> re-runs so far (reprefill_lost)
+        self.reprefills = 0  # requests sent back to the queue after an instance was lost
+        # /v1/models/load: (prefill instance, task) -> the callback awaiting its answer
+        self.loading: dict[tuple[str, str], Callable[[str | None], None]] = {}
         self.results: dict[str, Result] = {}
         self.handoffs: list[Handoff] = []
         self.decode_steps = 0  # decode steps of all decode instances
         self.decode_rows = 0  # requests those steps advanced (occupancy = rows / steps / slots)
         self.hub = wire.Hub(f"tcp://{config.host}:{config.control_port}")
+        self._checked: float | None = None  # when step last looked for lost instances
         self._fingerprint: str | None = None
         self.snapshot: dict = self._health()
         if metrics is not None:
@@ -175,7 +198,8 @@ class ClusterScheduler:
 
     def _health(self) -> dict:
         lost = [i.name for i in self.instances() if not i.up]
-        return {"instances": {i.name: i.view() for i in self.instances()}, "down": lost}
+        out = {"instances": {i.name: i.view() for i in self.instances()}, "down": lost}
+        return out | ({"reprefilled": self.reprefills} if self.config.reprefill_lost else {})
 
     # -- requests in -------------------------------------------------------------------------
     def validate(self, request: Request) -> None:
@@ -222,9 +246,10 @@ class ClusterScheduler:
         for live in self.queue:
             if live.request.id == request_id:
                 self.queue.remove(live)
+                self.attempts.pop(request_id, None)
                 finish_live(live, reason, now=self.clock(), results=self.results)
                 return True
-        flight = self.flights.get(request_id)
+        flight = next((f for f in self.flights.values() if f.live.request.id == request_id), None)
         if flight is None:
             return False
         self._end(flight, reason)
@@ -233,6 +258,36 @@ class ClusterScheduler:
     def _all(self):
         yield from self.queue
         yield from (f.live for f in self.flights.values())
+
+    # -- model management (the server's /v1/models/load|unload) -----------------------------
+    def load_task(self, name: str, root: str, done: Callable[[str | None], None]) -> None:
+        """Have the live prefill instance with the fewest tasks load task ``name`` of the
+        export at ``root`` (a path it can read); ``done(None)`` once it serves it, else
+        ``done(why)``."""
+        up = [p for p in self.prefills.values() if p.up]
+        if not up:
+            raise APIError(503, "no prefill instance is up to load a model", code="unavailable")
+        inst = min(up, key=lambda p: len(p.tasks))
+        self.loading[(inst.name, name)] = done
+        self.hub.send(inst.name, {"op": "load", "task": name, "root": root})
+
+    def unload_task(self, name: str) -> None:
+        """Drop task ``name`` from every prefill instance (no request of it is in flight)."""
+        self.prefill_params.pop(name, None)
+        for inst in self.prefills.values():
+            if name in inst.tasks:
+                inst.tasks = tuple(t for t in inst.tasks if t != name)
+                if inst.up:
+                    self.hub.send(inst.name, {"op": "unload", "task": name})
+
+    def _loaded(self, inst: Instance, msg: dict) -> None:
+        done = self.loading.pop((inst.name, msg["task"]), None)
+        if msg["op"] == "loaded":
+            if msg["task"] not in inst.tasks:
+                inst.tasks = (*inst.tasks, msg["task"])
+            self.prefill_params[msg["task"]] = None
+        if done is not None:
+            done(None if msg["op"] == "loaded" else f"prefill {inst.name!r}: {msg['error']}")
 
     # -- the loop --------------------------------------------------------------------------
     def step(self) -> None:
@@ -243,6 +298,12 @@ class ClusterScheduler:
             except (KeyError, TypeError, ValueError) as e:  # a malformed message: log it
                 log.warning("bad message from %s: %s (%r)", name, msg.get("op"), e)
         now = time.monotonic()
+        if self._checked is not None:
+            stall = now - self._checked - self.poll_s - self.config.heartbeat_s
+            if stall > 0:  # this loop did not run (paused, starved): not the instances' silence
+                for inst in self.instances():
+                    inst.last_seen += stall
+        self._checked = now
         for inst in self.instances():
             if inst.up and now - inst.last_seen > self.config.lost_after_s:
                 self._lose(inst, f"no heartbeat for {now - inst.last_seen:.1f} s")
@@ -282,18 +343,23 @@ class ClusterScheduler:
             dec = self.decodes[w]
             req = live.request
             self.queue.remove(live)
-            live.result.admitted_at = self.clock()
+            if live.result.admitted_at is None:
+                live.result.admitted_at = self.clock()
             live.result.worker = w
             free[w] -= 1
             pre.assigned += 1
             dec.assigned += 1
             pre.handled += 1
-            self.flights[req.id] = Flight(live, "prefill", pre.name, dec.name)
+            attempt = self.attempts.get(req.id, 0)
+            wire_id = f"{req.id}~{attempt}" if attempt else req.id
+            self.flights[wire_id] = Flight(
+                live, "prefill", pre.name, dec.name, wire_id, replay=tuple(live.result.tokens)
+            )
             self.hub.send(
                 pre.name,
                 {
                     "op": "prefill",
-                    "id": req.id,
+                    "id": wire_id,
                     "model": model,
                     "prompt": list(req.prompt),
                     "max_tokens": req.max_tokens,
@@ -323,9 +389,13 @@ class ClusterScheduler:
             self._started(inst, flight, msg)
         elif op == "tokens":
             self._tokens(inst, msg)
+        elif op in ("loaded", "load_failed"):
+            self._loaded(inst, msg)
         elif op == "failed":
             if flight is not None and name in (flight.prefill, flight.decode):
-                self._end(flight, "error", f"{inst.role} instance {name!r}: {msg['error']}")
+                error = f"{inst.role} instance {name!r}: {msg['error']}"
+                if not (msg.get("retry") and self._rerun(flight)):
+                    self._end(flight, "error", error)
         else:
             log.warning("unknown op %r from %s", op, name)
 
@@ -360,6 +430,8 @@ class ClusterScheduler:
                 self.metrics.instance(name, inst.role, True)
         inst.transfer = msg["transfer"]
         inst.slots = int(msg.get("slots", inst.slots))
+        if inst.role == "prefill" and "tasks" in msg:  # what it holds now (loads, restarts)
+            inst.tasks = tuple(msg["tasks"])
         inst.last_seen = time.monotonic()
 
     def _prefilled(self, inst: Instance, flight: Flight | None, msg: dict) -> None:
@@ -376,9 +448,9 @@ class ClusterScheduler:
                 top_ids=np.array([top_ids]),
                 top_logprobs=np.array([top_lps]),
             )
-        reason = record_token(flight.live, int(msg["token"]), lp, 0, eos=self.eos, now=self.clock())
+        reason, error = self._record(flight, int(msg["token"]), lp)
         if reason:
-            return self._end(flight, reason)
+            return self._end(flight, reason, error)
         req = flight.live.request
         dec = self._instance(flight.decode)
         flight.phase, flight.handoff_at = "handoff", time.monotonic()
@@ -388,7 +460,7 @@ class ClusterScheduler:
             dec.name,
             {
                 "op": "decode",
-                "id": req.id,
+                "id": flight.wire,
                 "transfer": inst.transfer,
                 "uuid": flight.uuid,
                 "bucket": int(msg["bucket"]),
@@ -430,6 +502,8 @@ class ClusterScheduler:
             rid, token = item[0], int(item[1])
             flight = self.flights.get(rid)
             if flight is None or flight.decode != inst.name or flight.phase != "decode":
+                if rid not in done:  # a request the frontend gave up: free its slot
+                    self.hub.send(inst.name, {"op": "cancel", "id": rid})
                 continue
             lp = None
             if len(item) > 2:
@@ -439,11 +513,24 @@ class ClusterScheduler:
                     top_ids=np.array([top_ids]),
                     top_logprobs=np.array([top_lps]),
                 )
-            reason = record_token(flight.live, token, lp, 0, eos=self.eos, now=self.clock())
+            reason, error = self._record(flight, token, lp)
             if not reason and rid in done:  # the instance stopped it (EOS / budget)
                 reason = "length"
             if reason:
-                self._end(flight, reason, cancel=rid not in done)
+                self._end(flight, reason, error, cancel=rid not in done)
+
+    def _record(self, flight: Flight, token: int, lp: Logprobs | None) -> tuple[str, str | None]:
+        """Record ``token``, or check it against the replay; (finish reason or "", error)."""
+        if flight.matched < len(flight.replay):
+            want = flight.replay[flight.matched]
+            if token != want:
+                return "error", (
+                    f"re-run of request {flight.live.request.id!r} after a lost instance "
+                    f"diverged at token {flight.matched}: {token} != {want} already sent"
+                )
+            flight.matched += 1
+            return "", None
+        return record_token(flight.live, token, lp, 0, eos=self.eos, now=self.clock()), None
 
     # -- endings ---------------------------------------------------------------------------
     def _release(self, flight: Flight) -> None:
@@ -452,16 +539,22 @@ class ClusterScheduler:
             self.hub.send(pre.name, {"op": "release", "uuid": flight.uuid})
         flight.uuid = None
 
-    def _end(self, flight: Flight, reason: str, error: str | None = None, cancel: bool = True):
-        """Finish a request in flight: free its reservation, tell its instances."""
-        del self.flights[flight.live.request.id]
+    def _drop(self, flight: Flight, cancel: bool = True) -> None:
+        """Take ``flight`` off the instances: free its reservations, release its offer,
+        cancel its decode slot."""
+        del self.flights[flight.wire]
         pre, dec = self.prefills[flight.prefill], self._instance(flight.decode)
         if flight.phase == "prefill":
             pre.assigned -= 1
         self._release(flight)
         if cancel and flight.phase in ("handoff", "decode") and dec.up:
-            self.hub.send(dec.name, {"op": "cancel", "id": flight.live.request.id})
+            self.hub.send(dec.name, {"op": "cancel", "id": flight.wire})
         dec.assigned -= 1
+
+    def _end(self, flight: Flight, reason: str, error: str | None = None, cancel: bool = True):
+        """Finish a request in flight: free its reservation, tell its instances."""
+        self._drop(flight, cancel)
+        self.attempts.pop(flight.live.request.id, None)
         if error is not None:
             self._fail(flight.live, error)
         else:
@@ -474,13 +567,29 @@ class ClusterScheduler:
     def _lose(self, inst: Instance, why: str) -> None:
         log.error("%s instance %s lost: %s", inst.role, inst.name, why)
         inst.up, inst.lost = False, inst.lost + 1
+        for key in [k for k in self.loading if k[0] == inst.name]:
+            self.loading.pop(key)(f"prefill instance {inst.name!r} was lost ({why})")
         if self.metrics is not None:
             self.metrics.instance(inst.name, inst.role, False)
-        for flight in list(self.flights.values()):
+        # oldest first: each re-run goes to the head of the queue, so walk the newest first
+        for flight in reversed(list(self.flights.values())):
             on_prefill = flight.prefill == inst.name and flight.phase in ("prefill", "handoff")
-            if on_prefill or flight.decode == inst.name:
+            if (on_prefill or flight.decode == inst.name) and not self._rerun(flight):
                 self._end(flight, "error", f"{inst.role} instance {inst.name!r} was lost ({why})")
         inst.assigned = 0
+
+    def _rerun(self, flight: Flight) -> bool:
+        """With ``reprefill_lost``: take ``flight`` off its instances and queue its request
+        again, at the head (a client waits mid-stream). False when off, or when the request
+        has used up its ``MAX_ATTEMPTS``."""
+        rid = flight.live.request.id
+        if not self.config.reprefill_lost or self.attempts.get(rid, 0) + 1 >= MAX_ATTEMPTS:
+            return False
+        self._drop(flight)
+        self.attempts[rid] = self.attempts.get(rid, 0) + 1
+        self.queue.appendleft(flight.live)
+        self.reprefills += 1
+        return True
 
     def close(self) -> None:
         self.hub.close()

@@ -4,9 +4,15 @@
   offer the prefix (``wire.Offers``) -> ``prefilled`` with the first token and the offer's
   id and shapes. ``release`` drops an offer; an unreleased one expires.
 * ``DecodeInstance``: holds the shared decode tree (SUN) or one model's full tree
-  (conventional) in a one-worker ``DecodePool``. ``decode`` -> pull the prefix into a free
-  slot -> ``started``; then continuous batching: one ``tokens`` message per decode step,
-  slots freed on EOS, on the request's token budget, or on ``cancel``.
+  (conventional) in a one-worker ``DecodePool``. ``decode`` -> reserve a free slot and start
+  pulling the prefix; the running slots keep decoding while it arrives; once every pulled leaf
+  is ready, insert it -> ``started``; then continuous batching: one ``tokens`` message per
+  decode step, slots freed on EOS, on the request's token budget, or on ``cancel``.
+  A pull is bounded: ``transfer``'s ``pull`` returns at once with arrays still arriving. When
+  the offer expired or never existed they never become ready (on JAX 0.10.2 waiting on them
+  blocks forever); when the offering process died they fail. So the instance polls
+  ``is_ready``, answers ``failed`` on an error or after ``pull_timeout_s``, and frees the
+  slot. Nothing waits on an unready array, and the pool state never depends on one.
 
 Both send a ``heartbeat`` every ``heartbeat_s``; it also announces the instance (a
 restarted process carries a new ``epoch``), so the frontend needs no registration step.
@@ -27,6 +33,7 @@ from serve.cluster import wire
 from serve.cluster.config import ClusterConfig, DecodeSpec, PrefillSpec
 from serve.engine import Engine, EngineConfig, sampling_params
 from serve.pool import DecodePool
+from serve.server.models import check_task
 from sunjax.export import load_decode, load_prefill
 
 log = logging.getLogger("sunjax.cluster")
@@ -111,7 +118,7 @@ class PrefillInstance(_Role):
     def announce(self) -> dict:
         return {
             **super().announce(),
-            "tasks": list(self.spec.tasks),
+            "tasks": list(self.params),
             "offers": len(self.offers.held),
         }
 
@@ -124,6 +131,17 @@ class PrefillInstance(_Role):
                 self.channel.send(self.prefill(msg))
             except ValueError as e:
                 self.channel.send({"op": "failed", "id": msg["id"], "error": str(e)})
+        elif op == "load":  # /v1/models/load on the frontend
+            task, root = msg["task"], msg["root"]
+            try:
+                check_task(root, task, self.manifest["decode_fingerprint"])
+                self.params[task] = load_prefill(root, task, self.decode_tree)
+            except (OSError, ValueError) as e:
+                self.channel.send({"op": "load_failed", "task": task, "error": str(e)})
+                return
+            self.channel.send({"op": "loaded", "task": task})
+        elif op == "unload":
+            self.params.pop(msg["task"], None)
         else:
             log.warning("prefill %s: unknown op %r", self.spec.name, op)
 
@@ -163,6 +181,14 @@ class PrefillInstance(_Role):
 
 
 @dataclasses.dataclass
+class _Pull:
+    msg: dict  # the decode message
+    prefix: object  # serve.engine.Prefix whose leaves are still arriving
+    start: float  # perf_counter at the pull
+    deadline: float  # monotonic
+
+
+@dataclasses.dataclass
 class _Slot:
     id: str
     left: int  # tokens still to generate
@@ -183,6 +209,7 @@ class DecodeInstance(_Role):
         self.puller = wire.Puller(self.server, self.cfg)
         self.slots: list[_Slot | None] = [None] * config.slots
         self.active = np.zeros(config.slots, bool)
+        self.pulls: dict[int, _Pull] = {}  # slot -> the pull that will fill it
         if warm:
             from serve.loop import warm_up
 
@@ -198,26 +225,32 @@ class DecodeInstance(_Role):
         }
 
     def wait(self) -> float:
-        return 0.0 if self.active.any() else self.config.heartbeat_s / 2
+        if self.active.any():
+            return 0.0
+        return 0.001 if self.pulls else self.config.heartbeat_s / 2
 
     def handle(self, msg: dict) -> None:
         op = msg["op"]
         if op == "decode":
             try:
                 self.take(msg)
-            except ValueError as e:
+            except (ValueError, jax.errors.JaxRuntimeError) as e:  # bad shapes, unreachable
                 self.channel.send({"op": "failed", "id": msg["id"], "error": str(e)})
         elif op == "cancel":
             for i, s in enumerate(self.slots):
                 if s is not None and s.id == msg["id"]:
                     self.free(i)
                     self.pool.set_active(self.active)
+            for i, pull in list(self.pulls.items()):
+                if pull.msg["id"] == msg["id"]:
+                    del self.pulls[i]
         else:
             log.warning("decode %s: unknown op %r", self.spec.name, op)
 
     def take(self, msg: dict) -> None:
-        free = np.flatnonzero(~self.active)
-        if not free.size:
+        """Reserve a slot and start pulling ``msg``'s prefix (``land`` inserts it)."""
+        free = [s for s in np.flatnonzero(~self.active).tolist() if s not in self.pulls]
+        if not free:
             raise ValueError(f"decode instance {self.spec.name!r} has no free slot")
         if int(msg["max_tokens"]) < 1:
             raise ValueError(f"max_tokens={msg['max_tokens']} must be >= 1")
@@ -225,22 +258,53 @@ class DecodeInstance(_Role):
         prefix = self.puller.pull(
             msg["transfer"], int(msg["uuid"]), int(msg["bucket"]), msg["leaves"]
         )
-        slot = int(free[0])
-        self.pool.insert(prefix, 0, slot)
-        jax.block_until_ready(self.pool.state.tokens)
-        self.slots[slot] = _Slot(
-            id=msg["id"],
-            left=int(msg["max_tokens"]),
-            eos=frozenset() if msg.get("ignore_eos") else frozenset(msg.get("eos", ())),
-            logprobs=bool(msg.get("logprobs")),
-        )
-        self.active[slot] = True
-        self.channel.send({"op": "started", "id": msg["id"], "pull_s": time.perf_counter() - start})
+        deadline = time.monotonic() + self.config.pull_timeout_s
+        self.pulls[free[0]] = _Pull(msg, prefix, start, deadline)
+
+    def land(self) -> None:
+        """Insert every pull whose leaves have all arrived; fail those past their deadline."""
+        for slot, pull in list(self.pulls.items()):
+            msg = pull.msg
+            if not wire.ready(pull.prefix):
+                if time.monotonic() > pull.deadline:
+                    del self.pulls[slot]
+                    self.puller.forget(msg["transfer"])
+                    error = (
+                        f"KV pull from {msg['transfer']} (offer {msg['uuid']}) did not arrive "
+                        f"in pull_timeout_s={self.config.pull_timeout_s}: the prefill "
+                        "instance died or the offer expired"
+                    )
+                    log.warning("decode %s: %s", self.spec.name, error)
+                    self.channel.send(
+                        {"op": "failed", "id": msg["id"], "error": error, "retry": True}
+                    )
+                continue
+            del self.pulls[slot]
+            try:
+                jax.block_until_ready(pull.prefix)  # ready: raises if the transfer failed
+            except jax.errors.JaxRuntimeError as e:  # e.g. the offering process died
+                self.puller.forget(msg["transfer"])
+                failed = {"op": "failed", "id": msg["id"], "error": f"KV pull: {e}", "retry": True}
+                self.channel.send(failed)
+                continue
+            self.pool.insert(pull.prefix, 0, slot)
+            jax.block_until_ready(self.pool.state.tokens)
+            self.slots[slot] = _Slot(
+                id=msg["id"],
+                left=int(msg["max_tokens"]),
+                eos=frozenset() if msg.get("ignore_eos") else frozenset(msg.get("eos", ())),
+                logprobs=bool(msg.get("logprobs")),
+            )
+            self.active[slot] = True
+            pull_s = time.perf_counter() - pull.start
+            self.channel.send({"op": "started", "id": msg["id"], "pull_s": pull_s})
 
     def free(self, slot: int) -> None:
         self.slots[slot], self.active[slot] = None, False
 
     def work(self) -> None:
+        if self.pulls:
+            self.land()
         if not self.active.any():
             return
         live = [int(s) for s in np.flatnonzero(self.active)]

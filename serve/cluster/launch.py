@@ -31,6 +31,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--role", choices=ROLES, default=None, help="run one role (default: all)")
     ap.add_argument("--name", default=None, help="the instance to run (prefill / decode)")
     ap.add_argument("--export", default=None, help="override the YAML's export directory")
+    ap.add_argument(
+        "--reprefill-lost",
+        action="store_true",
+        help="re-run a lost instance's requests on the survivors (YAML: reprefill_lost: true)",
+    )
     args = ap.parse_args(argv)
     if args.role in ("prefill", "decode") and not args.name:
         ap.error(f"--role {args.role} needs --name")
@@ -70,7 +75,11 @@ def run_frontend(config: ClusterConfig) -> int:
         return ms, sched
 
     runtime = Runtime(setup, metrics=metrics, policy=config.policy)
-    app = build_app(runtime)
+    app = build_app(
+        runtime,
+        allow_model_management=config.allow_model_management,
+        export_root=config.export_root,
+    )
     server = DrainingServer(
         uvicorn.Config(
             app,
@@ -102,6 +111,8 @@ def children(args: argparse.Namespace, config: ClusterConfig) -> list[list[str]]
     base = [sys.executable, "-m", "sunjax.cli", "cluster", "--config", args.config]
     if args.export:
         base += ["--export", args.export]
+    if args.reprefill_lost:
+        base += ["--reprefill-lost"]
     cmds = [base + ["--role", "frontend"]]
     cmds += [base + ["--role", "prefill", "--name", s.name] for s in config.prefill]
     cmds += [base + ["--role", "decode", "--name", s.name] for s in config.decode]
@@ -142,7 +153,9 @@ def run_all(args: argparse.Namespace, config: ClusterConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = load_cluster_config(args.config, export=args.export)
+        config = load_cluster_config(
+            args.config, export=args.export, reprefill_lost=args.reprefill_lost or None
+        )
     except (OSError, ValueError, TypeError) as e:
         print(f"sunjax cluster: {e}", file=sys.stderr)
         return 2

@@ -16,7 +16,8 @@ Messages (instance -> frontend):
     heartbeat {role, name, epoch, transfer, tasks | model, slots, running}
     prefilled {id, uuid, bucket, token, logprob, top, leaves, kv_bytes, prefill_s}
     started {id, pull_s}        tokens {items: [[id, token, logprob, top], ...], done: [[id, why]]}
-    failed {id, error}          (prefill or decode could not take the request)
+    failed {id, error[, retry]} (prefill or decode could not take the request; retry: the
+                                 KV pull failed, a re-run elsewhere may succeed)
 Messages (frontend -> instance):
     prefill {id, model, prompt, sampling, logprobs}     release {uuid}
     decode {id, transfer, uuid, bucket, leaves, max_tokens, eos, ignore_eos, logprobs}   cancel {id}
@@ -169,7 +170,8 @@ class Offers:
 
 
 class Puller:
-    """A decode instance's side: one connection per prefill transfer server."""
+    """A decode instance's side: one connection per prefill transfer server. ``pull``
+    returns at once with arrays still arriving: poll ``ready`` before using them."""
 
     def __init__(self, server, cfg: ModelConfig):
         self.server, self.cfg = server, cfg
@@ -190,3 +192,13 @@ class Puller:
             self.conns[address] = self.server.connect(address)
         arrays = self.conns[address].pull(uuid, specs)
         return treedef.unflatten(arrays)
+
+    def forget(self, address: str) -> None:
+        """Drop the connection to ``address`` (its server died?): the next pull reconnects."""
+        self.conns.pop(address, None)
+
+
+def ready(tree) -> bool:
+    """Whether every leaf of ``tree`` has arrived, without waiting. A pulled array whose
+    offer is gone never becomes ready, and ``block_until_ready`` on it never returns."""
+    return all(x.is_ready() for x in jax.tree.leaves(tree))

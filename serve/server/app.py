@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 from serve.scheduler import Request
 from serve.server import protocol as p
 from serve.server.errors import APIError, error_response
-from serve.server.models import BASE, Mismatch, load_task
+from serve.server.models import BASE, Mismatch, check_task, load_task
 from serve.server.runtime import Chunk, Runtime, Submission
 from sunjax.tokenizer import chat_prompt
 
@@ -640,15 +640,22 @@ def build_app(
                 409, f"model {body.name!r} is already served", param="name", code="exists"
             )
         ms = runtime.model_set
+        remote = runtime.remote_models  # a cluster: a prefill instance loads the module
         try:
-            model = await asyncio.to_thread(
-                load_task, root, body.name, ms.decode_fingerprint, ms.decode
-            )
+            if remote:
+                await asyncio.to_thread(check_task, root, body.name, ms.decode_fingerprint)
+            else:
+                model = await asyncio.to_thread(
+                    load_task, root, body.name, ms.decode_fingerprint, ms.decode
+                )
         except Mismatch as e:
             raise APIError(409, str(e), param="path", code="fingerprint_mismatch") from None
         except ValueError as e:
             raise APIError(400, str(e), param="path", code="invalid_export") from None
-        await runtime.load(model)
+        if remote:
+            await runtime.load_remote(body.name, root)
+        else:
+            await runtime.load(model)
         return JSONResponse({"loaded": body.name})
 
     @v1.post("/models/unload")

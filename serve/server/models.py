@@ -112,9 +112,9 @@ class Mismatch(ValueError):
     """An export trained against another decode tree than the one served."""
 
 
-def load_task(root: str, name: str, served_fingerprint: str, decode: Params) -> Model:
-    """Task ``name`` of the export at ``root``, refused (``Mismatch``) unless it was trained
-    against the served decode tree."""
+def check_task(root: str, name: str, served_fingerprint: str) -> None:
+    """ValueError unless the export at ``root`` has task ``name``; ``Mismatch`` unless it was
+    trained against the served decode tree. Reads the manifest only."""
     manifest = read_manifest(root)
     if name not in manifest["tasks"]:
         raise ValueError(f"task {name!r} is not in export {root!r}; it has {manifest['tasks']}")
@@ -122,4 +122,10 @@ def load_task(root: str, name: str, served_fingerprint: str, decode: Params) -> 
         check_decode_fingerprint(root, manifest, served_fingerprint)
     except ValueError as e:
         raise Mismatch(str(e)) from None
+
+
+def load_task(root: str, name: str, served_fingerprint: str, decode: Params) -> Model:
+    """Task ``name`` of the export at ``root``, refused (``Mismatch``) unless it was trained
+    against the served decode tree."""
+    check_task(root, name, served_fingerprint)
     return Model(name, load_prefill(root, name, decode), root)

@@ -167,6 +167,38 @@ class Runtime:
     async def load(self, model: Model) -> None:
         await self._call(lambda: self._add(model))
 
+    @property
+    def remote_models(self) -> bool:
+        """Whether task modules live in other processes (the cluster frontend's scheduler
+        loads them there: ``load_remote``)."""
+        return hasattr(self.sched, "load_task")
+
+    async def load_remote(self, name: str, root: str) -> None:
+        """Have the scheduler load task ``name`` of export ``root`` where its prefill runs
+        (a cluster's prefill instance); resolves when it is served."""
+        fut = self.loop.create_future()
+
+        def done(error: str | None) -> None:  # engine thread, when the instance answers
+            if error is not None:
+                exc = APIError(400, error, param="path", code="load_failed")
+                self.loop.call_soon_threadsafe(_resolve, fut, None, exc)
+                return
+            self.models = {**self.models, name: Model(name, None, root)}
+            self.metrics.add_model(name)
+            self.loop.call_soon_threadsafe(_resolve, fut, None, None)
+
+        def start() -> None:
+            if self.state != "ready":
+                raise self._unavailable()
+            if name in self.models:
+                raise APIError(
+                    409, f"model {name!r} is already served", param="name", code="exists"
+                )
+            self.sched.load_task(name, root, done)
+
+        await self._call(start)
+        await fut
+
     async def unload(self, name: str) -> None:
         """Refuse new requests for ``name``, wait for its in-flight ones, then drop it."""
         fut = self.loop.create_future()
@@ -362,6 +394,8 @@ class Runtime:
     def _finish_unloads(self) -> None:
         for name in [n for n in self._unloading if not self._inflight.get(n)]:
             futs = self._unloading.pop(name)
+            if self.remote_models:
+                self.sched.unload_task(name)
             self.sched.prefill_params.pop(name, None)
             self.models = {k: v for k, v in self.models.items() if k != name}
             for fut in futs:
