@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check and timing, for the lent device (`run` tool). Writes JSON and logs under
 # ${OUT:-out/gpu}. Each step is time-boxed and a failure does not stop the next one. The limits
-# add up to ~19 minutes, over one device command's 10: run it as two commands,
+# add up to ~24 minutes, over one device command's 10: run it as two commands,
 #   ONLY=kernel_tests,quant_matmul,decode_layers,qsun_decode scripts/gpu_checks.sh
-#   ONLY=paged_attention,steps_8b scripts/gpu_checks.sh
+#   ONLY=paged_attention,paged_decode,steps_8b scripts/gpu_checks.sh
 # SMOKE=1 runs every step on the CPU at toy sizes (--tiny): a check of the script, not numbers.
 set -u
 smoke=${SMOKE:-0}
@@ -29,6 +29,11 @@ step qsun_decode 180 "$py" -m sunjax.cli bench qsun --out "$out/qsun" $(big)
 step paged_attention 150 "$py" -m sunjax.cli bench paged --out "$out/paged" $(big \
   --model llama8b --ctx 1024 8192 --batches 1 32 --variants dense_xla paged_xla paged_pallas \
   --sweep --calls 10 --runs 3 --capacity-trials 5)
+# The paged decode step of the engine (Engine.generate: all layers, sampling) against the dense
+# one at Llama-3.1-8B shapes, ctx 1k / 8k, B = 1 / 32, and the HBM floor of each.
+step paged_decode 300 "$py" -m sunjax.cli bench paged_engine --out "$out/paged_engine" $(big \
+  --model configs/models/llama-3.1-8b.yaml --dtype bfloat16 --ctx 1024 8192 --batches 1 32 \
+  --skip-capacity --steps 8 --runs 3)
 # the simulator's step-time table at Llama-3.1-8B shapes (CPU smoke: `sunjax bench steps --out DIR`)
 step steps_8b 420 "$py" -m sunjax.cli bench steps --out "$out/steps" $([ "$smoke" = 1 ] || echo \
   --model configs/models/llama-3.1-8b.yaml --dtype bfloat16 --workers 1 --slots 64 \

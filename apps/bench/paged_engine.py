@@ -12,7 +12,14 @@
     batch, dense (reads all ``max_len`` positions) vs paged (XLA gather on the CPU), at
     mixed lengths.  Many steps dispatched back to back, one sync, median of runs.
 
-Model: ``configs/models/tiny.yaml`` (random float32 weights); the machine is whatever runs it.
+    ``--ctx`` instead puts every sequence at each given length, and ``floor_ms`` is the HBM
+    floor (weights + valid K/V read once at ``--bandwidth``): the GPU check at
+    Llama-3.1-8B shapes in ``scripts/gpu_checks.sh`` (``--model
+    configs/models/llama-3.1-8b.yaml --dtype bfloat16 --ctx 1024 8192 --batches 1 32
+    --skip-capacity``).
+
+Model: ``--model`` (default ``configs/models/tiny.yaml``), random weights; the machine is
+whatever runs it (the JSON is named after the backend).
 """
 
 from __future__ import annotations
@@ -146,13 +153,32 @@ def _time_steps(
     return statistics.median(times), compiles.n
 
 
+def floor_ms(cfg, params, lengths: np.ndarray, bandwidth: float) -> float:
+    """The HBM floor of one decode step: every weight and every valid K/V byte read once."""
+    weights = sum(x.nbytes for x in jax.tree.leaves(params))
+    per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+    return (weights + per_token * float(lengths.sum())) / bandwidth * 1e3
+
+
 def step_time(cfg, params, args) -> list[dict]:
     rng = np.random.default_rng(args.seed + 1)
     rows = []
-    for batch in args.batches:
-        prompts, outputs = workload_lengths(rng, batch, args.scale, args.max_len)
-        lengths = np.minimum(prompts + outputs, args.max_len - args.steps)
-        row = {"batch": batch, "mean_length": float(lengths.mean()), "max_len": args.max_len}
+    settings = [(b, c) for c in args.ctx for b in args.batches] if args.ctx else [
+        (b, None) for b in args.batches
+    ]  # fmt: skip
+    for batch, ctx in settings:
+        if ctx is None:  # the mixed length distribution
+            prompts, outputs = workload_lengths(rng, batch, args.scale, args.max_len)
+            lengths = np.minimum(prompts + outputs, args.max_len - args.steps)
+        else:  # every sequence at ctx tokens (the GPU check at fixed context)
+            lengths = np.full(batch, ctx)
+        row = {
+            "batch": batch,
+            "ctx": ctx,
+            "mean_length": float(lengths.mean()),
+            "max_len": args.max_len,
+            "floor_ms": floor_ms(cfg, params, lengths + args.steps // 2, args.bandwidth),
+        }
         for name in ("dense", "paged"):
             paged = name == "paged"
             if paged:
@@ -173,11 +199,14 @@ def step_time(cfg, params, args) -> list[dict]:
             seconds, recompiles = _time_steps(engine, params, state, start, args.steps, args.runs)
             row[f"{name}_ms"] = seconds * 1e3
             row[f"{name}_recompiles"] = recompiles
+            row[f"{name}_pct_floor"] = 100 * row["floor_ms"] / row[f"{name}_ms"]
         row["paged_over_dense"] = row["paged_ms"] / row["dense_ms"]
         rows.append(row)
         print(
             f"B {batch:3d}  mean length {row['mean_length']:6.1f}  dense {row['dense_ms']:7.2f} ms"
-            f"  paged {row['paged_ms']:7.2f} ms  paged/dense {row['paged_over_dense']:.2f}x",
+            f"  paged {row['paged_ms']:7.2f} ms  paged/dense {row['paged_over_dense']:.2f}x  "
+            f"floor {row['floor_ms']:.3f} ms (dense {row['dense_pct_floor']:.0f}%, paged "
+            f"{row['paged_pct_floor']:.0f}%)",
             flush=True,
         )
     return rows
@@ -197,19 +226,34 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default=CONFIG, help="a model config YAML (random weights)")
+    ap.add_argument("--dtype", default=None, help="weights and KV dtype (default: the config's)")
+    ap.add_argument(
+        "--ctx", type=int, nargs="+", default=None, help="fixed context lengths for the step time"
+    )
+    ap.add_argument("--skip-capacity", action="store_true", help="only the step time")
+    ap.add_argument(
+        "--bandwidth", type=float, default=4.245e12, help="B/s for the floor (H200, ANCHORS.md)"
+    )
     args = ap.parse_args(argv)
     if args.tiny:
         args.max_len, args.scale, args.requests = 128, 1 / 16, 12
         args.dense_slots, args.paged_slots, args.batches = 2, 8, [1, 4]
         args.steps, args.runs = 4, 2
-    cfg = load_model_config(CONFIG, max_position_embeddings=max(512, args.max_len))
+        args.ctx = [16, 32] if args.ctx else None
+    if args.ctx and not args.tiny:
+        args.max_len = max(args.max_len, max(args.ctx) + args.steps)
+    dtype = {} if args.dtype is None else {"dtype": args.dtype, "param_dtype": args.dtype}
+    cfg = load_model_config(args.model, max_position_embeddings=max(512, args.max_len), **dtype)
     params = sunjax.init_params(cfg, jax.random.key(0))
-    print(f"capacity: KV budget of {args.dense_slots} x {args.max_len} tokens", flush=True)
-    cap = capacity(cfg, params, args)
+    cap = []
+    if not args.skip_capacity:
+        print(f"capacity: KV budget of {args.dense_slots} x {args.max_len} tokens", flush=True)
+        cap = capacity(cfg, params, args)
     print("decode step (Engine.generate):", flush=True)
     steps = step_time(cfg, params, args)
     out = {
-        "model": CONFIG,
+        "model": args.model,
         "backend": jax.default_backend(),
         "devices": [d.device_kind for d in jax.local_devices()],
         "cpu_count": os.cpu_count(),
@@ -220,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
         "step": steps,
     }
     os.makedirs(args.out, exist_ok=True)
-    name = "engine_cpu_tiny.json" if args.tiny else "engine_cpu.json"
+    name = f"engine_{jax.default_backend()}{'_tiny' if args.tiny else ''}.json"
     with open(os.path.join(args.out, name), "w") as f:
         json.dump(out, f, indent=1)
     return out

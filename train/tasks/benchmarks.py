@@ -19,6 +19,7 @@ from pathlib import Path
 
 from train.tasks import code, tool
 from train.tasks.base import Example
+from train.tasks.tool_functions import schema_signature
 
 _HUMANEVAL_INSTRUCTION = "Complete this Python function:\n```python\n{prompt}```"
 _BFCL_INSTRUCTION = "Answer with one JSON function call. Functions:\n{functions}"
@@ -104,7 +105,8 @@ def load_bfcl_simple_python() -> list[Example]:
             for p, opts in possible.items()
             if any(o != "" for o in opts)
         }
-        system = _BFCL_INSTRUCTION.format(functions=json.dumps(entry["function"]))
+        signatures = "\n".join(schema_signature(f) for f in entry["function"])
+        system = _BFCL_INSTRUCTION.format(functions=signatures)
         turns = tuple(dict(m) for m in entry["question"][0])
         examples.append(
             Example(

@@ -15,6 +15,31 @@ Draw = Callable[[random.Random], tuple[str, list]]
 _SHORT_TYPES = {"string": "str", "integer": "int", "float": "float", "boolean": "bool"}
 
 
+def short_type(spec: dict) -> str:
+    """A JSON-schema parameter type (BFCL's dialect) as the signatures write it: ``str``,
+    ``list[int]``, ``{street: str, city: str}``; types the synthetic task never uses
+    (``tuple``, ``any``, a ``dict`` without properties) keep their own name."""
+    kind = spec.get("type", "any")
+    if kind == "array":
+        return f"list[{short_type(spec.get('items', {}))}]"
+    if kind == "dict" and "properties" in spec:
+        fields = ", ".join(f"{k}: {short_type(v)}" for k, v in spec["properties"].items())
+        return "{" + fields + "}"
+    return _SHORT_TYPES.get(kind, kind)
+
+
+def schema_signature(function: dict) -> str:
+    """A BFCL function schema in the synthetic tool task's signature form,
+    ``name(required: type, optional?: type)``, so a module fine-tuned on the synthetic task
+    reads real BFCL functions in the form it was trained on."""
+    params = function.get("parameters", {})
+    required = params.get("required", [])
+    props = params.get("properties", {})
+    items = [f"{k}: {short_type(props[k])}" for k in required if k in props]
+    items += [f"{k}?: {short_type(v)}" for k, v in props.items() if k not in required]
+    return f"{function['name']}({', '.join(items)})"
+
+
 @dataclass(frozen=True, kw_only=True)
 class _Param:
     """`draw` gives (how the request says the value, acceptable values; the first is the
