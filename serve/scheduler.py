@@ -206,6 +206,26 @@ def check_request(sched, request: Request) -> None:
         raise ValueError(f"logprobs={request.logprobs} must lie in [0, {TOP_LOGPROBS}]")
 
 
+def enqueue(sched, request: Request, on_text: StreamCallback | None, arrival: float | None):
+    """What every scheduler (in-process or cluster frontend) does to take ``request``:
+    validate it, refuse it over the queue bound (``QueueFull``), queue it; returns its
+    ``Result``."""
+    sched.validate(request)
+    if len(sched.queue) >= sched.max_queue:
+        raise QueueFull(
+            f"request {request.id!r} refused: {len(sched.queue)} requests already wait "
+            f"(max_queue={sched.max_queue})"
+        )
+    result = Result(
+        id=request.id,
+        model=request.model,
+        tokens=[],
+        arrival=sched.clock() if arrival is None else arrival,
+    )
+    sched.queue.append(_Live(request, result, Detokenizer(sched.tokenizer, request.stop), on_text))
+    return result
+
+
 class Scheduler:
     """Requests in, results (and streamed text) out, over one ``DecodePool``.
 
@@ -303,22 +323,7 @@ class Scheduler:
     ) -> Result:
         """Queue ``request``; returns its ``Result``, filled in as it runs. Raises ValueError
         (bad request) or QueueFull (over the bound)."""
-        self.validate(request)
-        if len(self.queue) >= self.max_queue:
-            raise QueueFull(
-                f"request {request.id!r} refused: {len(self.queue)} requests already wait "
-                f"(max_queue={self.max_queue})"
-            )
-        result = Result(
-            id=request.id,
-            model=request.model,
-            tokens=[],
-            arrival=self.clock() if arrival is None else arrival,
-        )
-        self.queue.append(
-            _Live(request, result, Detokenizer(self.tokenizer, request.stop), on_text)
-        )
-        return result
+        return enqueue(self, request, on_text, arrival)
 
     def cancel(self, request_id: str, reason: str = "cancelled") -> bool:
         """Stop a queued or running request now (its slot is freed) with finish reason

@@ -43,14 +43,13 @@ from serve.cluster.config import ClusterConfig
 from serve.engine import Engine, EngineConfig, Logprobs
 from serve.router import LeastLoaded, ModelAffine
 from serve.scheduler import (
-    Detokenizer,
-    QueueFull,
     Request,
     Result,
     StreamCallback,
     Tokenizer,
     _Live,
     check_request,
+    enqueue,
     finish_live,
     record_token,
 )
@@ -225,22 +224,7 @@ class ClusterScheduler:
         *,
         arrival: float | None = None,
     ) -> Result:
-        self.validate(request)
-        if len(self.queue) >= self.max_queue:
-            raise QueueFull(
-                f"request {request.id!r} refused: {len(self.queue)} requests already wait "
-                f"(max_queue={self.max_queue})"
-            )
-        result = Result(
-            id=request.id,
-            model=request.model,
-            tokens=[],
-            arrival=self.clock() if arrival is None else arrival,
-        )
-        self.queue.append(
-            _Live(request, result, Detokenizer(self.tokenizer, request.stop), on_text)
-        )
-        return result
+        return enqueue(self, request, on_text, arrival)
 
     def cancel(self, request_id: str, reason: str = "cancelled") -> bool:
         for live in self.queue:
