@@ -398,12 +398,17 @@ class Scheduler:
         free = self.free_slots()
         spare = self._spare_pages()
         batches: dict[str, list[_Live]] = {}
+        # models that found no worker this step: their later requests wait without a look
+        # (under skew a model-affine queue holds many of them, scanned every step)
+        blocked: set[str] = set()
         for live in list(self.queue):
             if not any(free):
                 break
             if budget and calls >= budget:
                 break
             req = live.request
+            if req.model in blocked and live.swapped is None:
+                continue
             need = live.cached_after_step()
             hits = self._hits(live) if live.swapped is None else [[] for _ in self.allocators]
             fits = free
@@ -416,6 +421,7 @@ class Scheduler:
             if worker is None:
                 if live.swapped is not None:
                     break  # a preempted request resumes before anything newer starts
+                blocked.add(req.model)
                 continue  # this model's workers are full; later requests may fit elsewhere
             chunked = self._needs_chunks(live, len(hits[worker]) if hits else 0)
             if chunked and self._chunking is not None:
