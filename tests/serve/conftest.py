@@ -6,6 +6,7 @@ import pytest
 from serve.engine import EngineConfig
 from serve.pool import DecodePool
 from sunjax import ModelConfig, init_params
+from sunjax.generate import generate
 
 MODELS = ("math", "code", "tool")
 WORKERS, SLOTS, MAX_LEN = 4, 2, 64
@@ -62,3 +63,18 @@ class ByteTokenizer:
 
     def encode_bytes(self, data: bytes) -> list[int]:
         return [self.table.index(b) for b in data]
+
+
+def reference(cfg, prefill_tree, decode_tree, req):
+    """``sunjax.generate``'s tokens for one scheduler ``Request`` (its own sampling settings)."""
+    return generate(
+        cfg,
+        prefill_tree,
+        [list(req.prompt)],
+        max_new_tokens=req.max_tokens,
+        temperature=req.temperature,
+        top_k=req.top_k,
+        top_p=req.top_p,
+        seed=req.seed,
+        decode_params=decode_tree,
+    ).tokens[0]

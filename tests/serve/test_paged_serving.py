@@ -11,9 +11,9 @@ from serve.engine import EngineConfig
 from serve.pool import DecodePool
 from serve.router import LeastLoaded, ModelAffine
 from serve.scheduler import Request, Scheduler
-from sunjax.generate import generate
 from sunjax.paged import NULL_PAGE
 from tests.serve.conftest import MAX_LEN, MODELS, SLOTS, WORKERS
+from tests.serve.conftest import reference as _reference
 
 PAGE, PAGES = 4, 24  # 23 usable pages of 4 tokens per worker; one sequence needs <= 16
 SAMPLED = {"temperature": 0.8, "top_k": 30, "top_p": 0.9}
@@ -48,20 +48,6 @@ def _requests(n, seed=0, prompt_len=(1, 24), max_tokens=(8, 9), sampled_every=3)
             )
         )
     return reqs
-
-
-def _reference(cfg, prefill_tree, decode_tree, req):
-    return generate(
-        cfg,
-        prefill_tree,
-        [list(req.prompt)],
-        max_new_tokens=req.max_tokens,
-        temperature=req.temperature,
-        top_k=req.top_k,
-        top_p=req.top_p,
-        seed=req.seed,
-        decode_params=decode_tree,
-    ).tokens[0]
 
 
 def _run(sched, reqs):

@@ -15,9 +15,9 @@ from serve.pool import DecodePool
 from serve.router import LeastLoaded
 from serve.scheduler import Request, Scheduler
 from sunjax import init_params
-from sunjax.generate import generate
 from sunjax.paged import NULL_PAGE
 from tests.serve.conftest import MAX_LEN, MODELS, SLOTS, WORKERS
+from tests.serve.conftest import reference as _reference
 
 PAGE = 4
 SAMPLED = {"temperature": 0.8, "top_k": 30, "top_p": 0.9}
@@ -41,20 +41,6 @@ def small_pool(tiny):
         workers=WORKERS, slots_per_worker=SLOTS, max_len=MAX_LEN, page_size=PAGE, num_pages=24
     )
     return DecodePool(cfg, config, decode_params=decode)
-
-
-def _reference(cfg, prefill_tree, decode_tree, req):
-    return generate(
-        cfg,
-        prefill_tree,
-        [list(req.prompt)],
-        max_new_tokens=req.max_tokens,
-        temperature=req.temperature,
-        top_k=req.top_k,
-        top_p=req.top_p,
-        seed=req.seed,
-        decode_params=decode_tree,
-    ).tokens[0]
 
 
 def _check(sched):

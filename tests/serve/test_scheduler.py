@@ -5,8 +5,8 @@ import pytest
 
 from serve.router import LeastLoaded, ModelAffine
 from serve.scheduler import QueueFull, Request, Scheduler
-from sunjax.generate import generate
 from tests.serve.conftest import MODELS
+from tests.serve.conftest import reference as _reference
 
 N_NEW = 8
 SAMPLED = {"temperature": 0.8, "top_k": 30, "top_p": 0.9}
@@ -22,20 +22,6 @@ def _requests(n, seed=0, max_len=24):
             Request(id=f"r{i}", model=MODELS[i % 3], prompt=prompt, max_tokens=N_NEW, **sampling)
         )
     return reqs
-
-
-def _reference(cfg, prefill_tree, decode_tree, req):
-    return generate(
-        cfg,
-        prefill_tree,
-        [list(req.prompt)],
-        max_new_tokens=req.max_tokens,
-        temperature=req.temperature,
-        top_k=req.top_k,
-        top_p=req.top_p,
-        seed=req.seed,
-        decode_params=decode_tree,
-    ).tokens[0]
 
 
 def test_sun_mixed_batch_matches_each_request_alone(tiny, sun_pool):
