@@ -15,12 +15,14 @@ Measures, with the serving engine's own calls (``serve.DecodePool``, ``serve.Eng
 * host work of the serving loop outside those calls (per step and per active slot, per
   admitted request, per submitted request), fitted on a saturating replay through
   ``serve.Scheduler`` after subtracting what the rest of the table charges
-  (``host_overhead``).
+  (``StepBench._host_fit``).
 
-Every point is the median over ``--repeats`` timings after a warm-up call, so compilation is
-excluded. Writes ``DIR/steps.json`` (an ``apps.simulate.tables.StepTable`` with machine and JAX
-metadata) and prints it. Default: the tiny random model of the serve tests, 4 workers x 8
-slots (``configs/serve/tiny-sun.yaml``'s pool); ``--model`` takes a configs/models YAML.
+Everything is compiled and warmed up first, then measured in ``--repeats`` rounds (each
+round times every point once: ``StepBench``); a point is the median over the rounds, so a
+machine whose speed drifts affects every point alike. Writes ``DIR/steps.json`` (an
+``apps.simulate.tables.StepTable`` with machine and JAX metadata) and prints it. Default:
+the tiny random model of the serve tests, 4 workers x 8 slots
+(``configs/serve/tiny-sun.yaml``'s pool); ``--model`` takes a configs/models YAML.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 
@@ -52,11 +54,12 @@ class StepsConfig:
     repeats: int = 5
     trees: tuple[str, ...] = TREES
     host_requests: int = 120  # requests replayed to time the host work per step (0 = skip)
+    tasks: int = 4  # distinct prefill trees, used in turn (a multi-task engine's prefills)
     dtype: str | None = None  # override the model's dtype (e.g. bfloat16 on a GPU)
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("workers", "slots_per_worker", "steps", "repeats", "min_bucket"):
+        for name in ("workers", "slots_per_worker", "steps", "repeats", "min_bucket", "tasks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         bad = sorted(set(self.trees) - set(TREES))
@@ -90,17 +93,6 @@ def ensure_cpu_devices(n: int) -> None:
         jax.config.update("jax_num_cpu_devices", max(n, 1))
     except RuntimeError:  # backend already initialised: keep what it has
         pass
-
-
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    """Median seconds of ``fn()`` after one untimed warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _model(config: StepsConfig):
@@ -137,32 +129,6 @@ def qsun_tree(cfg, params):
     )
 
 
-def time_decode(pool, prefixes: dict, batches: Sequence[int], ctxs: Sequence[int], config) -> Grid:
-    """Median ``pool.step()`` over ``config.steps`` steps per (active slots, context) point.
-    Active slots are spread over workers as the least-loaded router spreads them."""
-    W, B = config.workers, config.slots_per_worker
-    seconds = []
-    for b in batches:
-        row = []
-        for c in ctxs:
-            active = np.zeros(W * B, bool)
-            for i in range(b):
-                w, s = i % W, i // W
-                pool.insert(prefixes[c], w, s)
-                active[w * B + s] = True
-            pool.set_active(active)
-            pool.step()  # warm-up (compiled already: the shapes never change)
-            times = []
-            for _ in range(config.steps):
-                t0 = time.perf_counter()
-                pool.step()
-                times.append(time.perf_counter() - t0)
-            row.append(statistics.median(times))
-        seconds.append(row)
-    pool.set_active(np.zeros(W * B, bool))
-    return Grid(batch=batches, ctx=ctxs, seconds=seconds)
-
-
 def robust_fit(x: np.ndarray, y: np.ndarray, rounds: int = 3) -> np.ndarray:
     """Least squares ``y ~ x @ c`` refitted without points more than 3 MADs off (a step that
     met a garbage collection or another process on the core is not the loop's cost)."""
@@ -175,159 +141,253 @@ def robust_fit(x: np.ndarray, y: np.ndarray, rounds: int = 3) -> np.ndarray:
     return c
 
 
-def host_overhead(pool, prefill_params: dict, router, table: StepTable, tree: str, config):
-    """The serving loop's host work outside the calls the table times, from a real replay:
-    ``config.host_requests`` requests go through ``serve.Scheduler`` (all queued at once, so
-    the pool is saturated); ``submit`` is timed per request, and every ``step()``'s time minus
-    what the table charges for it (its prefills, hand-offs, pool step, release) is fitted by
-    least squares as ``host_a + host_b * active slots + admit * admitted requests``.
-    Returns ``(host_step curve over active slots, admit seconds, submit seconds)``."""
-    for _ in range(2):  # a first, untimed replay compiles what the table did not call
-        rows, resid, submit = _replay(pool, prefill_params, router, table, tree, config)
-    (a, b, admit) = robust_fit(np.asarray(rows), np.asarray(resid))
-    top = config.workers * config.slots_per_worker
-    curve = Curve(x=(1, top), seconds=(max(a + b, 0.0), max(a + b * top, 0.0)))
-    return curve, max(float(admit), 0.0), statistics.median(submit)
+class StepBench:
+    """The table's measurements, taken in rounds.
 
+    ``round()`` times ``config.steps`` fed decode steps per grid cell and tree (each after a
+    prefill and a hand-off, which are the prefill and hand-off samples: ``_decode_cell``),
+    the release, and one saturating host replay, and keeps the samples; ``table()`` turns
+    all rounds into a ``StepTable`` (medians; the host cost fitted on every replay).
 
-def _replay(pool, prefill_params: dict, router, table: StepTable, tree: str, config):
-    """One saturating replay: per ``step()`` the row ``(1, batch, admitted)`` and its time
-    beyond what the table charges; and each ``submit``'s time."""
-    from serve import Request, Scheduler
+    Rounds let a caller interleave the table with other timed work
+    (``apps.simulate.validate`` puts a round before each repeat of the real runs), so a
+    machine whose speed drifts over seconds (a shared VM) shifts both sides alike instead of
+    biasing one of them."""
 
-    sched = Scheduler(pool, prefill_params, router, max_queue=10**6)
-    rng = np.random.default_rng(config.seed)
-    tasks = sorted(prefill_params)
-    vocab = pool.cfg.vocab_size
-    submit = []
-    for i in range(config.host_requests):
-        n = int(rng.integers(4, config.max_len // 4))
-        req = Request(
-            id=f"h{i}",
-            model=tasks[i % len(tasks)],
-            prompt=tuple(int(t) for t in rng.integers(0, vocab, n)),
-            max_tokens=int(rng.integers(4, config.max_len // 4)),
+    def __init__(self, config: StepsConfig):
+        import jax
+        import jax.numpy as jnp
+
+        from serve import DecodePool, Engine, EngineConfig, LeastLoaded
+        from sunjax.generate import buckets
+        from sunjax.sampling import SamplingParams
+
+        self.config = config
+        self.cfg, self.params = cfg, params = _model(config)
+        pc = EngineConfig(
+            workers=config.workers,
+            slots_per_worker=config.slots_per_worker,
+            max_len=config.max_len,
+            min_bucket=config.min_bucket,
         )
-        t0 = time.perf_counter()
-        sched.submit(req)
-        submit.append(time.perf_counter() - t0)
-    rows, resid = [], []
-    while sched.busy:
-        queued = {live.request.id: len(live.request.prompt) for live in sched.queue}
-        done = len(sched.results)
-        t0 = time.perf_counter()
-        sched.step()
-        dt = time.perf_counter() - t0
-        left = {live.request.id for live in sched.queue}
-        admitted = [n for rid, n in queued.items() if rid not in left]
-        freed = len(sched.results) - done  # max_tokens >= 4: none finishes at its prefill
-        batch = int(sched.active.sum()) + freed  # the slots the pool step advanced
-        if batch == 0:
-            continue
-        ctx = float(np.mean(pool.lengths()[sched.active])) if sched.active.any() else 8.0
-        charged = sum(table.prefill_time(n) + table.handoff_time(n) for n in admitted)
-        charged += table.decode_time(tree, batch, ctx) + (table.release if freed else 0.0)
-        rows.append((1.0, batch, len(admitted)))
-        resid.append(dt - charged)
-    return rows, resid, submit
+        self.engine, self.sampling = Engine(cfg, pc), SamplingParams.create(1)
+        self.lengths = buckets(config.min_bucket, config.max_len)
+        # task prefill trees: copies (distinct buffers; the values do not change the cost)
+        copies = [jax.tree.map(jnp.copy, params) for _ in range(config.tasks - 1)]
+        self.task_params = [params, *copies]
+        self._fed = 0  # prefills run so far (picks the next tree and prompt length)
+        self.prefixes = {n: self.prefill(n) for n in set(self.lengths) | set(config.ctx_grid)}
+        self.trees = {}
+        for name in config.trees:
+            if name == "sun":
+                self.trees[name] = DecodePool(cfg, pc, decode_params=params)
+            elif name == "qsun":
+                self.trees[name] = DecodePool(cfg, pc, decode_params=qsun_tree(cfg, params))
+            else:
+                self.trees[name] = DecodePool(cfg, pc, worker_params=[params] * config.workers)
+        for pool in self.trees.values():  # insert compiles per (bucket, worker device)
+            for n in self.lengths:
+                for w in range(config.workers):
+                    pool.insert(self.prefixes[n], w, 0)
+            pool.set_active(np.zeros(pool.slots, bool))
+            pool.step()
+        self.pool = next(iter(self.trees.values()))
+        self.host_tree = "sun" if config.host_requests and "sun" in self.trees else None
+        if self.host_tree:
+            self.router = LeastLoaded(config.workers)
+            self.host_params = {f"task{i}": p for i, p in enumerate(self.task_params)}
+            self._replay()  # compiles what the timed calls do not (a new Scheduler's path)
+        self.samples: dict = {"prefill": {}, "handoff": {}, "release": [], "decode": {}}
+        self.replays: list[tuple[list, list]] = []  # per round: (step records, submit times)
+        self.round_s: list[float] = []  # per round: the time its fed decode cells took
+        self._jax = jax
 
-
-def measure(config: StepsConfig) -> StepTable:
-    import jax
-
-    from serve import DecodePool, Engine, EngineConfig, LeastLoaded
-    from sunjax import quant
-    from sunjax.generate import buckets
-    from sunjax.sampling import SamplingParams
-
-    cfg, params = _model(config)
-    pc = EngineConfig(
-        workers=config.workers,
-        slots_per_worker=config.slots_per_worker,
-        max_len=config.max_len,
-        min_bucket=config.min_bucket,
-    )
-    eng = Engine(cfg, pc)
-    sp = SamplingParams.create(1)
-
-    def prefill(n: int):
-        prefix = eng.prefill(params, [1] * n, sp)
+    def prefill(self, n: int, task: int = 0):
+        prefix = self.engine.prefill(self.task_params[task], [1] * n, self.sampling)
         int(prefix.token)  # the scheduler reads the first token at once
         return prefix
 
-    lengths = buckets(config.min_bucket, config.max_len)
-    prefill_s = [median_time(lambda n=n: prefill(n), config.repeats) for n in lengths]
-    prefixes = {n: prefill(n) for n in set(lengths) | set(config.ctx_grid)}
+    def _timed(self, fn: Callable[[], object]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
 
-    def warm(pool) -> None:  # insert compiles per (prompt bucket, worker device): all of them
-        for n in lengths:
-            for w in range(config.workers):
-                pool.insert(prefixes[n], w, 0)
-        pool.set_active(np.zeros(pool.slots, bool))
-        pool.step()
+    def _decode_cell(self, name: str, b: int, c: int) -> None:
+        """``config.steps`` decode steps with ``b`` slots active at context ``c`` (spread
+        over workers as the least-loaded router spreads them), each fed as a saturated
+        serving loop feeds it: a prefill (the next task tree and prompt length in turn), its
+        hand-off into a slot outside the batch (blocking), then the timed ``pool.step()``.
+        All three are samples: measured one call type at a time, back to back, each runs
+        10-40 % faster on the CPU than between the others, as the serving loop runs it."""
+        config, s, pool = self.config, self.samples, self.trees[name]
+        W, B = config.workers, config.slots_per_worker
+        active = np.zeros(W * B, bool)
+        for i in range(b):
+            w, k = i % W, i // W
+            pool.insert(self.prefixes[c], w, k)
+            active[w * B + k] = True
+        pool.set_active(active)
+        pool.step()  # compiled already (the shapes never change); settles the new state
+        cell = s["decode"].setdefault((name, b, c), [])
+        for _ in range(config.steps):
+            n = self.lengths[self._fed % len(self.lengths)]
+            task = self._fed % config.tasks
+            self._fed += 1
+            t0 = time.perf_counter()
+            prefix = self.prefill(n, task)
+            t1 = time.perf_counter()
+            pool.insert(prefix, W - 1, B - 1)
+            self._jax.block_until_ready(pool.state)
+            t2 = time.perf_counter()
+            pool.step()
+            t3 = time.perf_counter()
+            s["prefill"].setdefault(n, []).append(t1 - t0)
+            s["handoff"].setdefault(n, []).append(t2 - t1)
+            cell.append(t3 - t2)
+        pool.set_active(np.zeros(W * B, bool))
 
-    trees = {}
-    for name in config.trees:
-        if name == "sun":
-            trees[name] = DecodePool(cfg, pc, decode_params=params)
-        elif name == "qsun":
-            trees[name] = DecodePool(cfg, pc, decode_params=qsun_tree(cfg, params))
-        else:
-            trees[name] = DecodePool(cfg, pc, worker_params=[params] * config.workers)
-    for p in trees.values():
-        warm(p)
-    pool = next(iter(trees.values()))
+    def _release(self) -> None:
+        self.pool.set_active(np.zeros(self.pool.slots, bool))
+        self._jax.block_until_ready(self.pool.state)
 
-    def handoff(prefix):
-        pool.insert(prefix, config.workers - 1, 0)
-        jax.block_until_ready(pool.state)
+    def round(self) -> None:
+        """One sample of every point of the table (see the class docstring)."""
+        s, config = self.samples, self.config
+        s["release"].append(self._timed(self._release))
+        t0 = time.perf_counter()
+        for name in self.trees:
+            for b in config.batch_grid:
+                for c in config.ctx_grid:
+                    self._decode_cell(name, b, c)
+        self.round_s.append(time.perf_counter() - t0)
+        if self.host_tree:
+            self.replays.append(self._replay())
 
-    kv = [quant.tree_bytes(prefixes[n].cache) for n in lengths]
-    handoff_s = [median_time(lambda n=n: handoff(prefixes[n]), config.repeats) for n in lengths]
-    mask = np.zeros(pool.slots, bool)
+    def _replay(self) -> tuple[list, list]:
+        """One saturating replay through ``serve.Scheduler`` (all requests queued at once):
+        per ``step()`` its time, the prompt lengths it admitted, the slots it advanced and
+        their mean context; and each ``submit``'s time."""
+        from serve import Request, Scheduler
 
-    def release():
-        pool.set_active(mask)
-        jax.block_until_ready(pool.state)
+        config, pool = self.config, self.trees[self.host_tree]
+        sched = Scheduler(pool, self.host_params, self.router, max_queue=10**6)
+        rng = np.random.default_rng(config.seed)
+        tasks = sorted(self.host_params)
+        submit = []
+        for i in range(config.host_requests):
+            n = int(rng.integers(4, config.max_len // 4))
+            req = Request(
+                id=f"h{i}",
+                model=tasks[i % len(tasks)],
+                prompt=tuple(int(t) for t in rng.integers(0, self.cfg.vocab_size, n)),
+                max_tokens=int(rng.integers(4, config.max_len // 4)),
+            )
+            submit.append(self._timed(lambda req=req: sched.submit(req)))
+        records = []
+        while sched.busy:
+            queued = {live.request.id: len(live.request.prompt) for live in sched.queue}
+            done = len(sched.results)
+            dt = self._timed(sched.step)
+            left = {live.request.id for live in sched.queue}
+            admitted = [n for rid, n in queued.items() if rid not in left]
+            freed = len(sched.results) - done  # max_tokens >= 4: none finishes at its prefill
+            batch = int(sched.active.sum()) + freed  # the slots the pool step advanced
+            if batch == 0:
+                continue
+            ctx = float(np.mean(pool.lengths()[sched.active])) if sched.active.any() else 8.0
+            records.append((dt, admitted, batch, ctx, freed))
+        return records, submit
 
-    release_s = median_time(release, config.repeats)
+    def rounds(self) -> int:
+        return len(self.samples["release"])
 
-    decode = {
-        name: time_decode(p, prefixes, config.batch_grid, config.ctx_grid, config)
-        for name, p in trees.items()
-    }
-    table = StepTable(
-        kind="measured",
-        label=f"measured on {jax.devices()[0].device_kind} ({platform.node()})",
-        decode=decode,
-        prefill=Curve(x=lengths, seconds=prefill_s),
-        handoff=Curve(x=kv, seconds=handoff_s),
-        release=release_s,
-        kv_bytes_per_token=kv_bytes_per_token(cfg),
-        prefill_bucket=config.min_bucket,
-        pool={"workers": config.workers, "slots_per_worker": config.slots_per_worker},
-        meta={
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "device": jax.devices()[0].device_kind,
-            "devices": len(jax.devices()),
-            "host": platform.node(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "model": dataclasses.asdict(cfg),
-            "config": dataclasses.asdict(config),
-            "max_len": config.max_len,
-        },
-    )
-    if config.host_requests and "sun" in trees:
-        prefill_params = {"a": params, "b": params}
-        host, admit, submit = host_overhead(
-            trees["sun"], prefill_params, LeastLoaded(config.workers), table, "sun", config
+    def drift(self) -> float:
+        """How much the machine's speed moved between rounds: ``max / min - 1`` of the time
+        each round's decode cells took (the same calls every round)."""
+        return max(self.round_s) / min(self.round_s) - 1
+
+    def table(self) -> StepTable:
+        """The medians of every round so far (at least one) as a ``StepTable``."""
+        import jax
+
+        from sunjax import quant
+
+        if not self.rounds():
+            raise ValueError("StepBench.table() needs at least one round()")
+        s, config = self.samples, self.config
+        med = statistics.median
+        decode = {
+            name: Grid(
+                batch=config.batch_grid,
+                ctx=config.ctx_grid,
+                seconds=[
+                    [med(s["decode"][(name, b, c)]) for c in config.ctx_grid]
+                    for b in config.batch_grid
+                ],
+            )
+            for name in self.trees
+        }
+        table = StepTable(
+            kind="measured",
+            label=f"measured on {jax.devices()[0].device_kind} ({platform.node()})",
+            decode=decode,
+            prefill=Curve(x=self.lengths, seconds=[med(s["prefill"][n]) for n in self.lengths]),
+            handoff=Curve(
+                x=[quant.tree_bytes(self.prefixes[n].cache) for n in self.lengths],
+                seconds=[med(s["handoff"][n]) for n in self.lengths],
+            ),
+            release=med(s["release"]),
+            kv_bytes_per_token=kv_bytes_per_token(self.cfg),
+            prefill_bucket=config.min_bucket,
+            pool={"workers": config.workers, "slots_per_worker": config.slots_per_worker},
+            meta={
+                "jax": jax.__version__,
+                "backend": jax.default_backend(),
+                "device": jax.devices()[0].device_kind,
+                "devices": len(jax.devices()),
+                "host": platform.node(),
+                "processor": platform.processor() or platform.machine(),
+                "cpu_count": os.cpu_count(),
+                "python": platform.python_version(),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "model": dataclasses.asdict(self.cfg),
+                "config": dataclasses.asdict(config),
+                "max_len": config.max_len,
+                "rounds": self.rounds(),
+            },
         )
-        table = dataclasses.replace(table, host_step=host, admit=admit, submit=submit)
-    return table
+        if self.host_tree:
+            host, admit, submit = self._host_fit(table)
+            table = dataclasses.replace(table, host_step=host, admit=admit, submit=submit)
+        return table
+
+    def _host_fit(self, table: StepTable) -> tuple[Curve, float, float]:
+        """The serving loop's host work outside the calls the table times: every replayed
+        ``step()``'s time minus what ``table`` charges for it (its prefills, hand-offs, pool
+        step, release), fitted by least squares as ``host_a + host_b * active slots + admit
+        * admitted requests``. Returns ``(host_step curve over active slots, admit seconds,
+        submit seconds)``."""
+        rows, resid, submit = [], [], []
+        for records, sub in self.replays:
+            submit += sub
+            for dt, admitted, batch, ctx, freed in records:
+                charged = sum(table.prefill_time(n) + table.handoff_time(n) for n in admitted)
+                charged += table.decode_time(self.host_tree, batch, ctx)
+                charged += table.release if freed else 0.0
+                rows.append((1.0, batch, len(admitted)))
+                resid.append(dt - charged)
+        a, b, admit = robust_fit(np.asarray(rows), np.asarray(resid))
+        top = self.config.workers * self.config.slots_per_worker
+        curve = Curve(x=(1, top), seconds=(max(a + b, 0.0), max(a + b * top, 0.0)))
+        return curve, max(float(admit), 0.0), statistics.median(submit)
+
+
+def measure(config: StepsConfig) -> StepTable:
+    """``config.repeats`` rounds of ``StepBench``, back to back."""
+    bench = StepBench(config)
+    for _ in range(config.repeats):
+        bench.round()
+    return bench.table()
 
 
 def summary_lines(table: StepTable) -> list[str]:
@@ -382,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--trees", nargs="+", default=list(TREES), choices=TREES)
     ap.add_argument("--host-requests", type=int, default=120)
+    ap.add_argument("--tasks", type=int, default=4, help="distinct prefill trees used in turn")
     args = ap.parse_args(argv)
     config = StepsConfig(
         model=args.model,
@@ -396,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         repeats=args.repeats,
         trees=tuple(args.trees),
         host_requests=args.host_requests,
+        tasks=args.tasks,
     )
     ensure_cpu_devices(config.workers)
     table = measure(config)

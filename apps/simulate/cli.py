@@ -110,6 +110,10 @@ def validate_main(argv: list[str]) -> int:
             for k in KEYS
         )
         print(f"{r['policy']:>12} {r['zipf_alpha']:>5} {cells} {100 * r['noise']:>5.0f}%")
+    print(
+        f"{result['repeats']} rounds of the table interleaved with the real runs; the table's "
+        f"rounds spread {100 * result['table_drift']:.0f}% (the machine's drift)"
+    )
     return 0
 
 

@@ -161,7 +161,8 @@ def test_popularity_split_and_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def validation():
-    """The real engine (tiny-sun's pool) and the model with a table measured right before."""
+    """The real engine (tiny-sun's pool) under both policies and the model, with the table's
+    rounds interleaved with the real runs (``apps.simulate.validate``)."""
     from apps.bench.steps import StepsConfig
     from apps.simulate.validate import validate
 
@@ -169,14 +170,18 @@ def validation():
         workers=4,
         slots_per_worker=8,
         max_len=128,
-        trees=("sun",),
+        trees=("sun", "conventional"),
         steps=6,
-        repeats=5,
         ctxs=(8, 59, 119),
         host_requests=96,
     )
     return validate(
-        "configs/serve/tiny-sun.yaml", alphas=(0.0, 1.0, 1.5), requests=60, steps=steps, repeats=3
+        "configs/serve/tiny-sun.yaml",
+        alphas=(0.0, 1.0, 1.5),
+        policies=("sun", "conventional"),
+        requests=240,
+        steps=steps,
+        repeats=7,
     )
 
 
@@ -184,14 +189,16 @@ def test_bench_steps_table_is_complete(validation):
     t = StepTable.from_json(validation["table"])
     assert t.kind == "measured" and t.meta["jax"] and t.meta["backend"] == "cpu"
     assert t.pool == {"workers": 4, "slots_per_worker": 8}
-    assert np.all(np.asarray(t.decode["sun"].seconds) > 0)
+    assert all(np.all(np.asarray(t.decode[k].seconds) > 0) for k in ("sun", "conventional"))
+    assert t.meta["rounds"] == validation["repeats"] == 7
     assert list(t.prefill.x) == [8, 12, 16, 24, 32, 48, 64, 96, 128]
     assert all(s > 0 for s in t.handoff.seconds) and t.host_step is not None
 
 
 def test_simulator_predicts_the_real_decode_steps(validation):
-    errs = {r["zipf_alpha"]: r["err_decode_steps"] for r in validation["rows"]}
-    assert set(errs) == {0.0, 1.0, 1.5}
+    errs = {(r["policy"], r["zipf_alpha"]): r["err_decode_steps"] for r in validation["rows"]}
+    assert {a for _, a in errs} == {0.0, 1.0, 1.5}
+    assert {p for p, _ in errs} == {"sun", "conventional"}
     assert max(errs.values()) <= 0.15, errs
 
 
@@ -200,7 +207,7 @@ def test_simulator_predicts_the_real_engine_timing_within_15_percent(validation,
     """Wall-clock agreement can only be checked where the engine agrees with itself: when
     repeats of the same workload spread by more than the tolerance (other processes on the
     cores), the check is reported as an expected failure naming the spread, not passed."""
-    errs = {r["zipf_alpha"]: r[f"err_{key}"] for r in validation["rows"]}
+    errs = {(r["policy"], r["zipf_alpha"]): r[f"err_{key}"] for r in validation["rows"]}
     noise = max(r["noise"] for r in validation["rows"])
     if max(errs.values()) > 0.15 and noise > 0.15:
         pytest.xfail(f"engine repeats spread {noise:.0%} > 15% on this machine: {errs=}")
