@@ -38,4 +38,4 @@ step paged_decode 300 "$py" -m sunjax.cli bench paged_engine --out "$out/paged_e
 step steps_8b 420 "$py" -m sunjax.cli bench steps --out "$out/steps" $([ "$smoke" = 1 ] || echo \
   --model configs/models/llama-3.1-8b.yaml --dtype bfloat16 --workers 1 --slots 64 \
   --max-len 2048 --min-bucket 128 --batches 1 8 16 32 64 --ctxs 128 512 1024 2000 \
-  --trees sun qsun --host-requests 0 --steps 16)
+  --trees sun qsun --host-requests 0 --steps 16 --tasks 1)
