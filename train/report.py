@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import time
@@ -530,6 +531,12 @@ def main(argv: list[str] | None = None) -> int:
         help="one report per batch order in OUT/seed_<s>, and OUT/summary.{json,md} over them",
     )
     p.add_argument(
+        "--summarize-only",
+        action="store_true",
+        help="train nothing: OUT/summary.{json,md} over the OUT/seed_*/report.json there "
+        "(seeds run one at a time, or an interrupted run's finished seeds)",
+    )
+    p.add_argument(
         "--eval-at", type=int, nargs="+", default=(), help="also evaluate after these steps"
     )
     p.add_argument(
@@ -542,6 +549,16 @@ def main(argv: list[str] | None = None) -> int:
         "--sweep", type=json.loads, default=None, help="{name: quant overlay}: SUN with each"
     )
     args = p.parse_args(argv)
+    if args.summarize_only:
+        paths = sorted(glob.glob(os.path.join(args.out, "seed_*", "report.json")))
+        if not paths:
+            p.error(f"--summarize-only: no {args.out}/seed_*/report.json")
+        reports = []
+        for path in paths:
+            with open(path) as f:
+                reports.append(json.load(f))
+        _write_summary(args.out, reports)
+        return 0
     base = None if args.model == "tiny" else load_base(args.model)[:3]
     if args.sweep is not None:
         if not args.tasks or len(args.tasks) != 1:
@@ -586,13 +603,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out}/benchmarks.json and benchmarks.md")
         reports.append({k: v for k, v in report.items() if not k.startswith("_")})
     if args.train_seeds is not None:
-        summary = summarize(reports)
-        with open(os.path.join(args.out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        with open(os.path.join(args.out, "summary.md"), "w") as f:
-            f.write(summary_markdown(summary))
-        print(summary_markdown(summary))
+        _write_summary(args.out, reports)
     return 0
+
+
+def _write_summary(out: str, reports: list[dict]) -> None:
+    summary = summarize(reports)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(summary_markdown(summary))
+    print(summary_markdown(summary))
 
 
 if __name__ == "__main__":

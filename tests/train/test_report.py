@@ -165,3 +165,26 @@ def test_summarize_over_seeds():
     other["difficulty"] = "tiny"
     with pytest.raises(ValueError, match="difficulty"):
         summarize([reports[0], other])
+
+
+def test_summarize_only_reads_the_seed_reports_on_disk(tmp_path, capsys):
+    """``--summarize-only`` trains nothing: the summary over OUT/seed_*/report.json equals
+    ``summarize`` of those reports, and a directory without any is a clear error."""
+    from train.report import main, summarize
+
+    reports = [
+        _fake_report(0, sun=[1, 1, 0, 0], full=[1, 0, 0, 0]),
+        _fake_report(2, sun=[1, 1, 1, 0], full=[1, 1, 0, 0]),
+    ]
+    for r in reports:
+        (tmp_path / f"seed_{r['train_seed']}").mkdir()
+        (tmp_path / f"seed_{r['train_seed']}" / "report.json").write_text(json.dumps(r))
+    assert main(["--out", str(tmp_path), "--summarize-only"]) == 0
+    got = json.loads((tmp_path / "summary.json").read_text())
+    assert got["train_seeds"] == [0, 2]
+    want = json.loads(json.dumps(summarize(reports)))
+    assert got == want
+    assert "sun - full" in (tmp_path / "summary.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "empty"), "--summarize-only"])
+    assert "no " in capsys.readouterr().err
