@@ -339,11 +339,11 @@ class DecodeInstance(_Role):
         slot = min(free, key=lambda s: (load[s // per], s))
         worker, _, owner = self._where(slot)
         start = time.perf_counter()
-        deadline = time.monotonic() + self.config.pull_timeout_s
         if owner != self.me:
             fields = ("id", "transfer", "uuid", "bucket", "leaves")
             self.group.send(owner, {"op": "pull", "slot": slot, **{k: msg[k] for k in fields}})
-            deadline += self.config.group_timeout_s  # the owner answers by pull_timeout_s
+            # the owner answers by its own pull_timeout_s
+            deadline = time.monotonic() + self.config.pull_timeout_s + self.config.group_timeout_s
             self.remote[slot] = _Pull(msg, None, start, deadline)
             return
         prefix = self.puller.pull(
@@ -353,6 +353,7 @@ class DecodeInstance(_Role):
             msg["leaves"],
             device=self.pool.devices[worker],
         )
+        deadline = time.monotonic() + self.config.pull_timeout_s
         self.pulls[slot] = _Pull(msg, prefix, start, deadline)
 
     def _pull_failed(self, slot: int, pull: _Pull) -> dict | None:
