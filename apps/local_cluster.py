@@ -31,11 +31,13 @@ class LocalCluster(RemoteServer):
         policy: str = "sun",
         prefill: dict[str, list[str]],
         decode: list[str] | dict[str, str],
+        decode_options: dict[str, dict] | None = None,
         compile_cache: str | None = None,
         startup_timeout: float = 300.0,
         **settings,
     ):
-        """``decode``: names (SUN) or ``{name: model}`` (conventional); ``settings``: any
+        """``decode``: names (SUN) or ``{name: model}`` (conventional); ``decode_options``:
+        more keys of some decode instances (``{"d0": {"processes": 2}}``); ``settings``: any
         other top-level key of the cluster config (slots, max_len, lost_after_s, ...)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -47,9 +49,10 @@ class LocalCluster(RemoteServer):
             "export": export,
             "frontend": {"port": self.port, "control_port": free_port()},
             "prefill": [{"name": n, "tasks": list(t)} for n, t in prefill.items()],
-            "decode": [{"name": n, "model": m} for n, m in decode.items()]
-            if conventional
-            else [{"name": n} for n in decode],
+            "decode": [
+                {"name": n} | ({"model": m} if m else {}) | (decode_options or {}).get(n, {})
+                for n, m in (decode.items() if conventional else ((n, None) for n in decode))
+            ],
             **settings,
         }
         self.dir = tempfile.TemporaryDirectory(prefix="sunjax-cluster-")
@@ -95,21 +98,28 @@ class LocalCluster(RemoteServer):
         self.wait_up()
         return self
 
-    def process(self, name: str) -> psutil.Process:
-        """The process running instance ``name``."""
+    def process(self, name: str, process_id: int | None = None) -> psutil.Process:
+        """The process running instance ``name`` (of a decode instance over several
+        processes: its process ``process_id``)."""
         for p in psutil.Process(self.proc.pid).children(recursive=True) + [
             psutil.Process(e.pid) for e in self.extra if e.poll() is None
         ]:
-            cmd = p.cmdline()
-            if "--name" in cmd and cmd[cmd.index("--name") + 1] == name:
+            try:
+                cmd = p.cmdline()
+            except psutil.NoSuchProcess:
+                continue
+            if "--name" not in cmd or cmd[cmd.index("--name") + 1] != name:
+                continue
+            pid = cmd[cmd.index("--process-id") + 1] if "--process-id" in cmd else None
+            if process_id is None or pid == str(process_id):
                 return p
-        raise LookupError(f"no live process for instance {name!r}")
+        raise LookupError(f"no live process for instance {name!r} (process {process_id})")
 
     def processes(self) -> list[psutil.Process]:
         return psutil.Process(self.proc.pid).children(recursive=True)
 
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        p = self.process(name)
+    def kill(self, name: str, sig: int = signal.SIGKILL, process_id: int | None = None) -> None:
+        p = self.process(name, process_id)
         p.send_signal(sig)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # gone, or a zombie its parent has not reaped

@@ -181,10 +181,14 @@ def build(
 
 
 def warm_up(
-    pool: DecodePool, params: Params, prompt_lengths: Sequence[int] | None = None
+    pool: DecodePool,
+    params: Params,
+    prompt_lengths: Sequence[int] | None = None,
+    before_step: Callable[[], None] | None = None,
 ) -> None:
     """Compile prefill for every bucket (or those of ``prompt_lengths``), insert on every
-    worker, and the decode step, so latencies measure serving and not compilation."""
+    worker, and the decode step, so latencies measure serving and not compilation.
+    ``before_step``: called before the step (a pool over processes: a barrier)."""
     if prompt_lengths is None:
         lengths = buckets(pool.config.min_bucket, pool.config.max_len)
     else:
@@ -192,8 +196,11 @@ def warm_up(
     for n in lengths:
         prefix = pool.engine.prefill(params, [0] * min(n, pool.config.max_len), sampling_params())
         for w in range(pool.config.workers):
-            pool.insert(prefix, w, 0)
+            if pool.owner(w) == jax.process_index():  # several processes: each its own
+                pool.insert(prefix, w, 0)
     pool.set_active(np.zeros(pool.slots, bool))
+    if before_step is not None:
+        before_step()
     pool.step()
 
 

@@ -16,6 +16,13 @@ Paged (``EngineConfig.page_size``): every worker owns its own page pool (``engin
 lays the pools along the first axis, sharded like the slots); the scheduler keeps one host
 ``PageAllocator`` per worker, pushes the page table with ``set_page_table`` and swaps a
 preempted sequence out with ``read_prefix``.
+
+Several processes (``jax.distributed``): ``devices`` may be global devices of which this
+process addresses only some. Then every process builds the same pool and must call ``step`` /
+``step_logprobs`` / ``set_active`` / ``set_page_table`` in the same order (the step is one
+multi-process program); the step's tokens and logprobs come back replicated (an all-gather
+XLA inserts) so every process reads them on its host; ``insert`` / ``read_prefix`` /
+``read_pages`` of a worker run on the process that owns its device alone.
 """
 
 from __future__ import annotations
@@ -54,6 +61,23 @@ def ensure_cpu_devices(n: int) -> None:
         pass
 
 
+def put_global(tree, sharding: NamedSharding):
+    """``jax.device_put(tree, sharding)``; when ``sharding`` spans devices of other processes,
+    each process places only its own shards (every process passes the same values)."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x
+        x = x if isinstance(x, jax.Array) else np.asarray(x)
+        index = sharding.addressable_devices_indices_map(x.shape)
+        rows = [jax.device_put(x[i], d) for d, i in index.items()]
+        return jax.make_array_from_single_device_arrays(x.shape, sharding, rows)
+
+    return jax.tree.map(put, tree)
+
+
 class DecodePool:
     """W decode workers advanced by one ``shard_map`` dispatch per step."""
 
@@ -83,14 +107,16 @@ class DecodePool:
         self.mesh = Mesh(np.array(self.devices), (AXIS,))
         self.sharded = NamedSharding(self.mesh, P(AXIS))
         self.shared = worker_params is None
+        self.replicated = NamedSharding(self.mesh, P())
+        self.local = self.sharded.is_fully_addressable  # False: the mesh spans processes
         if self.shared:
-            self.params = jax.device_put(decode_params, NamedSharding(self.mesh, P()))
+            self.params = put_global(decode_params, self.replicated)
             param_spec = P()
         else:
             self.params = jax.tree.map(self._stack, *worker_params)
             param_spec = P(AXIS)
         state = _init_state(cfg, config)
-        self.state: DecodeState = jax.device_put(state, self.sharded)
+        self.state: DecodeState = put_global(state, self.sharded)
 
         shared, engine = self.shared, self.engine
 
@@ -103,18 +129,25 @@ class DecodePool:
             spmd = shard_map(
                 local_step, mesh=self.mesh, in_specs=(param_spec, P(AXIS)), out_specs=P(AXIS)
             )
-            return jax.jit(spmd, donate_argnums=1)
+            if self.local:
+                return jax.jit(spmd, donate_argnums=1)
+            # several processes: the outputs replicated, so every host can read them
+            return jax.jit(spmd, donate_argnums=1, out_shardings=(self.sharded, self.replicated))
 
         self._step = local(engine.generate)
         self._step_logprobs = local(engine.generate_logprobs)
+        if not self.local:  # compiled now: a process must not compile while the others wait
+            self._step = self._step.lower(self.params, self.state).compile()
+            self._step_logprobs = self._step_logprobs.lower(self.params, self.state).compile()
 
     def _stack(self, *leaves: jax.Array) -> jax.Array:
         """One leaf per worker -> one [W, ...] array whose row w lives on worker w."""
         rows = [
             jax.device_put(jnp.asarray(x)[None], d)
             for x, d in zip(leaves, self.devices, strict=True)
+            if d.process_index == jax.process_index()
         ]
-        shape = (len(rows),) + rows[0].shape[1:]
+        shape = (len(leaves),) + rows[0].shape[1:]
         return jax.make_array_from_single_device_arrays(shape, self.sharded, rows)
 
     @property
@@ -123,6 +156,10 @@ class DecodePool:
 
     def slot_index(self, worker: int, slot: int) -> int:
         return worker * self.config.slots_per_worker + slot
+
+    def owner(self, worker: int) -> int:
+        """The process whose device runs ``worker`` (``insert`` on it runs there alone)."""
+        return self.devices[worker].process_index
 
     def step(self) -> np.ndarray:
         """One decode step of every worker; returns each slot's new token [W * B] (host)."""
@@ -179,14 +216,18 @@ class DecodePool:
 
     def set_page_table(self, table: np.ndarray) -> None:
         """Replace the page table [W * B, M] (the host allocators are its source of truth)."""
-        rows = jax.device_put(np.asarray(table, np.int32), self.sharded)
+        rows = put_global(np.asarray(table, np.int32), self.sharded)
         cache = dataclasses.replace(self.state.cache, page_table=rows)
         self.state = dataclasses.replace(self.state, cache=cache)
 
     def set_active(self, active: np.ndarray) -> None:
         """Replace the active mask [W * B] (host is the source of truth for freed slots)."""
-        mask = jax.device_put(np.asarray(active, bool), self.sharded)
+        mask = put_global(np.asarray(active, bool), self.sharded)
         self.state = dataclasses.replace(self.state, active=mask)
 
     def lengths(self) -> np.ndarray:
-        return np.asarray(self.state.cache.lengths)
+        if self.local:
+            return np.asarray(self.state.cache.lengths)
+        from jax.experimental import multihost_utils  # a collective: every process calls it
+
+        return np.asarray(multihost_utils.process_allgather(self.state.cache.lengths, tiled=True))

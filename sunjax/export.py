@@ -151,10 +151,28 @@ def read_manifest(root: str) -> dict:
     return manifest
 
 
+def _checkpointer() -> ocp.StandardCheckpointer:
+    """Orbax's checkpointer; in one of several ``jax.distributed`` processes (a decode
+    instance over processes) one that reads alone: each process loads its own copy, and
+    orbax's cross-process syncs (gloo collectives) are not wanted there."""
+    if jax.process_count() == 1:
+        return ocp.StandardCheckpointer()
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"sunjax-p{me}"
+    )
+    return ocp.StandardCheckpointer(multiprocessing_options=options)
+
+
 def _restore(path: str, abstract, want: str, what: str):
     """Restore one tree and verify its content fingerprint (ValueError naming ``what``)."""
     try:
-        tree = ocp.StandardCheckpointer().restore(path, abstract)
+        if jax.process_count() > 1:  # onto this process's device, not the saver's
+            here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            abstract = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here), abstract
+            )
+        tree = _checkpointer().restore(path, abstract)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise ValueError(f"{what} at {path!r} cannot be read: {e}") from e
     got = fingerprint(tree)

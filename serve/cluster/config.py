@@ -19,6 +19,18 @@ and ``/unload`` (SUN only): a prefill instance loads the module, from a path it 
 ``sunjax cluster --config FILE`` starts every role on this host; ``--role decode --name d1``
 starts one instance (another host, or a restart). Instances connect to the frontend's
 control port; each also binds a transfer server (``transfer_port``, 0 = any free port).
+
+A decode instance may span several processes that form one JAX mesh (``jax.distributed``)::
+
+    decode:
+      - {name: d0, processes: 2, devices: 2}   # 2 processes x 2 devices = 4 workers
+
+``devices`` is how many devices each process uses (on the CPU: how many host devices it
+makes); the instance's ``slots`` are spread over all of them. Process 0 (the leader) talks to
+the frontend and drives the others; it also hosts the ``jax.distributed`` coordinator on
+``coordinator_host:coordinator_port`` (default: the instance's host, and a free port the
+launcher picks; across hosts set both). ``group_timeout_s``: a process of such an instance
+whose peers are silent this long exits (the frontend then loses the instance).
 """
 
 from __future__ import annotations
@@ -47,6 +59,11 @@ class DecodeSpec:
     model: str | None = None  # conventional: the one model this instance decodes
     host: str | None = None
     transfer_port: int = 0
+    processes: int = 1  # > 1: one JAX mesh over this many processes (jax.distributed)
+    devices: int = 1  # devices each process uses (CPU: host devices it makes)
+    coordinator_host: str | None = None  # process 0's address (default: host)
+    coordinator_port: int = 0  # jax.distributed coordinator; 0: the launcher picks one
+    group_port: int = 0  # the leader's command stream to the other processes; 0: any free
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -67,6 +84,7 @@ class ClusterConfig:
     lost_after_s: float = 2.0  # silent this long: lost, its in-flight requests fail
     offer_timeout_s: float = 30.0  # an offered prefix nobody confirmed is freed after this
     pull_timeout_s: float = 10.0  # a decode instance gives up a KV pull after this
+    group_timeout_s: float = 10.0  # multi-process decode: a peer silent this long ends it
     reprefill_lost: bool = False  # re-run a lost instance's requests instead of failing them
     log_level: str = "warning"
     allow_model_management: bool = False  # POST /v1/models/load|unload (SUN only)
@@ -101,6 +119,22 @@ class ClusterConfig:
         for name in ("offer_timeout_s", "pull_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.group_timeout_s <= self.heartbeat_s:
+            raise ValueError(
+                f"group_timeout_s={self.group_timeout_s} must exceed heartbeat_s={self.heartbeat_s}"
+            )
+        for s in self.decode:
+            for name in ("processes", "devices"):
+                value = getattr(s, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ValueError(f"decode instance {s.name!r}: {name}={value!r} must be >= 1")
+            for name in ("transfer_port", "coordinator_port", "group_port"):
+                value = getattr(s, name)
+                if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 65536:
+                    raise ValueError(
+                        f"decode instance {s.name!r}: {name}={value!r} must be a port in "
+                        "[0, 65535] (0: any free port)"
+                    )
         tasks = self.tasks
         models = [s.model for s in self.decode]
         if self.policy == "sun" and any(m is not None for m in models):

@@ -74,11 +74,15 @@ class Instance:
     handled: int = 0  # requests it took since the frontend started
     lost: int = 0  # times it was lost
     most_models: int = 0  # decode: most distinct models one of its decode steps advanced
+    processes: int = 1  # decode: the processes (one JAX mesh) the instance spans
+    landed: tuple[int, ...] = ()  # decode over processes: requests each process pulled
 
     def view(self) -> dict:
         out = {"role": self.role, "up": self.up, "handled": self.handled, "lost": self.lost}
         if self.role == "decode":
             out["most_models_in_a_step"] = self.most_models
+            if self.processes > 1:
+                out |= {"processes": self.processes, "landed_by_process": list(self.landed)}
         return out | ({"assigned": self.assigned} if self.up else {})
 
 
@@ -414,6 +418,8 @@ class ClusterScheduler:
                 self.metrics.instance(name, inst.role, True)
         inst.transfer = msg["transfer"]
         inst.slots = int(msg.get("slots", inst.slots))
+        inst.processes = int(msg.get("processes", 1))
+        inst.landed = tuple(int(n) for n in msg.get("landed", ()))
         if inst.role == "prefill" and "tasks" in msg:  # what it holds now (loads, restarts)
             inst.tasks = tuple(msg["tasks"])
         inst.last_seen = time.monotonic()

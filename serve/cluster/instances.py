@@ -197,37 +197,107 @@ class _Slot:
 
 
 class DecodeInstance(_Role):
+    """A decode instance, or (with ``group``) the leader process of one that spans several
+    processes (``serve.cluster.group``): the pool then covers every process's devices and
+    each step, mask change and insert is also sent, in order, to the followers."""
+
     role = "decode"
 
-    def __init__(self, config: ClusterConfig, spec: DecodeSpec, *, warm: bool = True):
+    def __init__(
+        self, config: ClusterConfig, spec: DecodeSpec, *, warm: bool = True, group: bool = False
+    ):
         super().__init__(config, spec)
         if spec.model is None or spec.model == BASE:
             tree = self.decode_tree  # SUN: the shared decode tree
         else:  # conventional: the model's own full tree
             tree = load_prefill(config.export, spec.model, self.decode_tree)
-        self.pool = DecodePool(self.cfg, self.engine_config, decode_params=tree)
+        if spec.processes > 1 or spec.devices > 1:
+            from serve.cluster.group import instance_devices
+
+            devices = instance_devices(spec.devices)
+            workers = len(devices)
+            self.engine_config = dataclasses.replace(
+                self.engine_config, workers=workers, slots_per_worker=-(-config.slots // workers)
+            )
+        else:
+            devices = None
+        self.pool = DecodePool(self.cfg, self.engine_config, decode_params=tree, devices=devices)
+        self.me = jax.process_index()
         self.puller = wire.Puller(self.server, self.cfg)
-        self.slots: list[_Slot | None] = [None] * config.slots
-        self.active = np.zeros(config.slots, bool)
-        self.pulls: dict[int, _Pull] = {}  # slot -> the pull that will fill it
+        n = self.pool.slots
+        self.slots: list[_Slot | None] = [None] * n
+        self.active = np.zeros(n, bool)
+        self.pulls: dict[int, _Pull] = {}  # slot -> the pull (this process's) that will fill it
+        self.remote: dict[int, _Pull] = {}  # leader: slot -> a pull a follower makes
+        self.landed = [0] * jax.process_count()  # requests each process pulled and inserted
+        self.group = None  # serve.cluster.group.Group: this instance spans processes
+        if group:  # every process of the instance, in the same order: pool, group, warm-up
+            from serve.cluster.group import Group
+
+            self.group = Group(spec, config)
         if warm:
             from serve.loop import warm_up
 
-            warm_up(self.pool, tree)
+            sync = None if self.group is None else lambda: self.group.barrier(spec.name + "/warm")
+            warm_up(self.pool, tree, before_step=sync)  # inserts on this process's workers
             self.pool.step_logprobs()
 
     def announce(self) -> dict:
-        return {
+        out = {
             **super().announce(),
             "model": self.spec.model,
             "slots": len(self.slots),
             "running": int(self.active.sum()),
         }
+        if self.group is not None:
+            out |= {"processes": self.group.n, "landed": list(self.landed)}
+        return out
+
+    def beat(self) -> None:
+        if self.group is not None and time.monotonic() >= self._next_beat:
+            self.group.send_all({"op": "beat"})  # the stream is never silent while alive
+        super().beat()
+
+    def serve(self) -> None:
+        if self.group is None:
+            return super().serve()
+        self.group.watch()
+        try:
+            super().serve()
+        except BaseException as e:  # a failed collective: a peer died
+            from serve.cluster.group import exit_now
+
+            exit_now(1, f"decode {self.spec.name}: {type(e).__name__}: {e}")
+        self.group.send_all({"op": "stop"})
+        time.sleep(0.2)
+        from serve.cluster.group import exit_now
+
+        exit_now(0, f"decode {self.spec.name}: stopped")
 
     def wait(self) -> float:
         if self.active.any():
             return 0.0
-        return 0.001 if self.pulls else self.config.heartbeat_s / 2
+        return 0.001 if self.pulls or self.remote else self.config.heartbeat_s / 2
+
+    # -- the ordered stream: every process runs these in the same order -----------------------
+    def _issue(self, msg: dict) -> None:
+        if self.group is not None:
+            self.group.send_all(msg)
+
+    def _set_active(self) -> None:
+        self._issue({"op": "active", "mask": self.active.astype(int).tolist()})
+        self.pool.set_active(self.active)
+
+    def _step(self, logprobs: bool):
+        self._issue({"op": "step", "logprobs": logprobs})
+        if logprobs:
+            return self.pool.step_logprobs()
+        return self.pool.step(), None
+
+    def _where(self, slot: int) -> tuple[int, int, int]:
+        """Global slot -> (worker, its local slot, the process that owns the worker)."""
+        worker, local = divmod(slot, self.pool.config.slots_per_worker)
+        return worker, local, self.pool.owner(worker)
 
     def handle(self, msg: dict) -> None:
         op = msg["op"]
@@ -237,81 +307,148 @@ class DecodeInstance(_Role):
             except (ValueError, jax.errors.JaxRuntimeError) as e:  # bad shapes, unreachable
                 self.channel.send({"op": "failed", "id": msg["id"], "error": str(e)})
         elif op == "cancel":
+            freed = False
             for i, s in enumerate(self.slots):
                 if s is not None and s.id == msg["id"]:
                     self.free(i)
-                    self.pool.set_active(self.active)
+                    freed = True
+            if freed:
+                self._set_active()
             for i, pull in list(self.pulls.items()):
                 if pull.msg["id"] == msg["id"]:
                     del self.pulls[i]
+            for i, pull in list(self.remote.items()):
+                if pull.msg["id"] == msg["id"]:
+                    del self.remote[i]
+                    self.group.send(self._where(i)[2], {"op": "drop", "slot": i, "id": msg["id"]})
         else:
             log.warning("decode %s: unknown op %r", self.spec.name, op)
 
     def take(self, msg: dict) -> None:
-        """Reserve a slot and start pulling ``msg``'s prefix (``land`` inserts it)."""
-        free = [s for s in np.flatnonzero(~self.active).tolist() if s not in self.pulls]
+        """Reserve a slot and start pulling ``msg``'s prefix (``land`` inserts it); with
+        several workers, on the one with the fewest busy slots. A slot of another process's
+        worker: that process pulls (``group``)."""
+        busy = set(np.flatnonzero(self.active).tolist()) | set(self.pulls) | set(self.remote)
+        free = [s for s in range(len(self.slots)) if s not in busy]
         if not free:
             raise ValueError(f"decode instance {self.spec.name!r} has no free slot")
         if int(msg["max_tokens"]) < 1:
             raise ValueError(f"max_tokens={msg['max_tokens']} must be >= 1")
+        per = self.pool.config.slots_per_worker
+        load = [sum(1 for b in busy if b // per == w) for w in range(self.pool.config.workers)]
+        slot = min(free, key=lambda s: (load[s // per], s))
+        worker, _, owner = self._where(slot)
         start = time.perf_counter()
+        if owner != self.me:
+            fields = ("id", "transfer", "uuid", "bucket", "leaves")
+            self.group.send(owner, {"op": "pull", "slot": slot, **{k: msg[k] for k in fields}})
+            # the owner answers by its own pull_timeout_s
+            deadline = time.monotonic() + self.config.pull_timeout_s + self.config.group_timeout_s
+            self.remote[slot] = _Pull(msg, None, start, deadline)
+            return
         prefix = self.puller.pull(
-            msg["transfer"], int(msg["uuid"]), int(msg["bucket"]), msg["leaves"]
+            msg["transfer"],
+            int(msg["uuid"]),
+            int(msg["bucket"]),
+            msg["leaves"],
+            device=self.pool.devices[worker],
         )
         deadline = time.monotonic() + self.config.pull_timeout_s
-        self.pulls[free[0]] = _Pull(msg, prefix, start, deadline)
+        self.pulls[slot] = _Pull(msg, prefix, start, deadline)
+
+    def _pull_failed(self, slot: int, pull: _Pull) -> dict | None:
+        """Poll one of this process's pulls: None while arriving; else ``{"op": "failed"}``
+        or ``{}`` (ready: arrived intact)."""
+        msg = pull.msg
+        if not wire.ready(pull.prefix):
+            if time.monotonic() <= pull.deadline:
+                return None
+            self.puller.forget(msg["transfer"])
+            error = (
+                f"KV pull from {msg['transfer']} (offer {msg['uuid']}) did not arrive "
+                f"in pull_timeout_s={self.config.pull_timeout_s}: the prefill "
+                "instance died or the offer expired"
+            )
+            log.warning("decode %s: %s", self.spec.name, error)
+            return {"op": "failed", "id": msg["id"], "error": error, "retry": True}
+        try:
+            jax.block_until_ready(pull.prefix)  # ready: raises if the transfer failed
+        except jax.errors.JaxRuntimeError as e:  # e.g. the offering process died
+            self.puller.forget(msg["transfer"])
+            return {"op": "failed", "id": msg["id"], "error": f"KV pull: {e}", "retry": True}
+        return {}
+
+    def _insert(self, slot: int, prefix) -> None:
+        worker, local, _ = self._where(slot)
+        self.pool.insert(prefix, worker, local)
+        jax.block_until_ready(self.pool.state.tokens)
+        self.landed[self.me] += 1
+
+    def _start(self, slot: int, msg: dict, pull_s: float) -> None:
+        self.slots[slot] = _Slot(
+            id=msg["id"],
+            left=int(msg["max_tokens"]),
+            eos=frozenset() if msg.get("ignore_eos") else frozenset(msg.get("eos", ())),
+            logprobs=bool(msg.get("logprobs")),
+        )
+        self.active[slot] = True
+        self.channel.send({"op": "started", "id": msg["id"], "pull_s": pull_s})
 
     def land(self) -> None:
         """Insert every pull whose leaves have all arrived; fail those past their deadline."""
         for slot, pull in list(self.pulls.items()):
-            msg = pull.msg
-            if not wire.ready(pull.prefix):
-                if time.monotonic() > pull.deadline:
-                    del self.pulls[slot]
-                    self.puller.forget(msg["transfer"])
-                    error = (
-                        f"KV pull from {msg['transfer']} (offer {msg['uuid']}) did not arrive "
-                        f"in pull_timeout_s={self.config.pull_timeout_s}: the prefill "
-                        "instance died or the offer expired"
-                    )
-                    log.warning("decode %s: %s", self.spec.name, error)
-                    self.channel.send(
-                        {"op": "failed", "id": msg["id"], "error": error, "retry": True}
-                    )
+            failed = self._pull_failed(slot, pull)
+            if failed is None:
                 continue
             del self.pulls[slot]
-            try:
-                jax.block_until_ready(pull.prefix)  # ready: raises if the transfer failed
-            except jax.errors.JaxRuntimeError as e:  # e.g. the offering process died
-                self.puller.forget(msg["transfer"])
-                failed = {"op": "failed", "id": msg["id"], "error": f"KV pull: {e}", "retry": True}
+            if failed:
                 self.channel.send(failed)
                 continue
-            self.pool.insert(pull.prefix, 0, slot)
-            jax.block_until_ready(self.pool.state.tokens)
-            self.slots[slot] = _Slot(
-                id=msg["id"],
-                left=int(msg["max_tokens"]),
-                eos=frozenset() if msg.get("ignore_eos") else frozenset(msg.get("eos", ())),
-                logprobs=bool(msg.get("logprobs")),
-            )
-            self.active[slot] = True
-            pull_s = time.perf_counter() - pull.start
-            self.channel.send({"op": "started", "id": msg["id"], "pull_s": pull_s})
+            self._insert(slot, pull.prefix)
+            self._start(slot, pull.msg, time.perf_counter() - pull.start)
+
+    def hear(self) -> None:
+        """Leader: the followers' answers (their pulls); the one late pull is given up."""
+        for p, msg in self.group.recv(0):
+            op, slot = msg["op"], msg.get("slot")
+            pull = self.remote.get(slot)
+            if op in ("ready", "failed") and (pull is None or pull.msg["id"] != msg["id"]):
+                if op == "ready":  # cancelled meanwhile: the owner drops what it holds
+                    self.group.send(p, {"op": "drop", "slot": slot, "id": msg["id"]})
+                continue
+            if op == "ready":
+                del self.remote[slot]
+                self._issue({"op": "insert", "slot": slot, "id": msg["id"]})
+                self.landed[p] += 1
+                self._start(slot, pull.msg, float(msg["pull_s"]))
+            elif op == "failed":
+                del self.remote[slot]
+                self.channel.send({k: msg[k] for k in ("op", "id", "error", "retry") if k in msg})
+        now = time.monotonic()
+        for slot, pull in list(self.remote.items()):
+            if now > pull.deadline:
+                del self.remote[slot]
+                self.group.send(
+                    self._where(slot)[2], {"op": "drop", "slot": slot, "id": pull.msg["id"]}
+                )
+                owner = self._where(slot)[2]
+                error = f"process {owner} of {self.spec.name!r} never answered its KV pull"
+                self.channel.send(
+                    {"op": "failed", "id": pull.msg["id"], "error": error, "retry": True}
+                )
 
     def free(self, slot: int) -> None:
         self.slots[slot], self.active[slot] = None, False
 
     def work(self) -> None:
+        if self.group is not None:
+            self.hear()
         if self.pulls:
             self.land()
         if not self.active.any():
             return
         live = [int(s) for s in np.flatnonzero(self.active)]
-        if any(self.slots[s].logprobs for s in live):
-            tokens, lp = self.pool.step_logprobs()
-        else:
-            tokens, lp = self.pool.step(), None
+        tokens, lp = self._step(any(self.slots[s].logprobs for s in live))
         items, done = [], []
         for s in live:
             slot, token = self.slots[s], int(tokens[s])
@@ -327,5 +464,89 @@ class DecodeInstance(_Role):
                 done.append(slot.id)
                 self.free(s)
         if done:
-            self.pool.set_active(self.active)
+            self._set_active()
         self.channel.send({"op": "tokens", "items": items, "done": done})
+
+
+class FollowerInstance(DecodeInstance):
+    """A process other than 0 of a multi-process decode instance: no frontend channel; it
+    runs the leader's command stream (``serve.cluster.group``) and pulls its own slots."""
+
+    def __init__(self, config: ClusterConfig, spec: DecodeSpec, *, warm: bool = True):
+        self.held: dict[int, _Pull] = {}  # arrived, waiting for the leader's insert
+        super().__init__(config, spec, warm=warm, group=True)
+
+    def serve(self) -> None:
+        from serve.cluster.group import exit_now
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: setattr(self, "_stop", True))
+        self.group.watch()
+        log.info("decode %s: process %d follows", self.spec.name, self.me)
+        next_ack = 0.0
+        try:
+            while not self._stop:
+                wait = 0.001 if self.pulls else self.config.heartbeat_s / 2
+                for _, msg in self.group.recv(wait):
+                    if msg["op"] == "stop":
+                        self._stop = True
+                        break
+                    self.execute(msg)
+                for slot, pull in list(self.pulls.items()):
+                    failed = self._pull_failed(slot, pull)
+                    if failed is None:
+                        continue
+                    del self.pulls[slot]
+                    if failed:
+                        self.group.send_leader({**failed, "slot": slot})
+                    else:
+                        self.held[slot] = pull
+                        pull_s = time.perf_counter() - pull.start
+                        ready = {"op": "ready", "slot": slot, "id": pull.msg["id"]}
+                        self.group.send_leader(ready | {"pull_s": pull_s})
+                now = time.monotonic()
+                if now >= next_ack:
+                    self.group.send_leader({"op": "ack"})
+                    next_ack = now + self.config.heartbeat_s
+        except BaseException as e:  # a failed collective: a peer died
+            exit_now(1, f"decode {self.spec.name} process {self.me}: {type(e).__name__}: {e}")
+        exit_now(0, f"decode {self.spec.name} process {self.me}: stopped")
+
+    def execute(self, msg: dict) -> None:
+        op = msg["op"]
+        if op == "step":
+            self.pool.step_logprobs() if msg["logprobs"] else self.pool.step()
+        elif op == "active":
+            self.pool.set_active(np.asarray(msg["mask"], bool))
+        elif op == "insert":
+            if self._where(msg["slot"])[2] != self.me:
+                return  # another process's worker
+            pull = self.held.pop(msg["slot"], None)
+            if pull is None or pull.msg["id"] != msg["id"]:
+                raise RuntimeError(f"insert of {msg} without its arrived prefix")
+            self._insert(msg["slot"], pull.prefix)
+        elif op == "pull":
+            slot = int(msg["slot"])
+            worker = self._where(slot)[0]
+            start = time.perf_counter()
+            try:
+                prefix = self.puller.pull(
+                    msg["transfer"],
+                    int(msg["uuid"]),
+                    int(msg["bucket"]),
+                    msg["leaves"],
+                    device=self.pool.devices[worker],
+                )
+            except (ValueError, jax.errors.JaxRuntimeError) as e:
+                failed = {"op": "failed", "slot": slot, "id": msg["id"], "error": str(e)}
+                self.group.send_leader(failed)
+                return
+            deadline = time.monotonic() + self.config.pull_timeout_s
+            self.pulls[slot] = _Pull(msg, prefix, start, deadline)
+        elif op == "drop":
+            for table in (self.pulls, self.held):
+                pull = table.get(msg["slot"])
+                if pull is not None and pull.msg["id"] == msg["id"]:
+                    del table[msg["slot"]]
+        elif op != "beat":
+            log.warning("decode %s process %d: unknown op %r", self.spec.name, self.me, op)

@@ -112,7 +112,7 @@ class Hub:
 # -- the KV hand-off -------------------------------------------------------------------------
 def start_transfer_server(host: str, port: int = 0):
     """A transfer server on this process's first device, bound to ``host``."""
-    client = jax.devices()[0].client
+    client = jax.local_devices()[0].client
     return transfer.start_transfer_server(client, f"{host}:{port}", [f"{host}:0"])
 
 
@@ -176,17 +176,18 @@ class Puller:
     def __init__(self, server, cfg: ModelConfig):
         self.server, self.cfg = server, cfg
         self.conns: dict[str, object] = {}
-        self.device = jax.devices()[0]
+        self.device = jax.local_devices()[0]
 
-    def pull(self, address: str, uuid: int, length: int, leaves: list[list]) -> Prefix:
-        """The offered prefix of a prompt bucketed to ``length``, laid out on this process's
-        device; ValueError when the offered leaves are not such a prefix of this model."""
+    def pull(self, address: str, uuid: int, length: int, leaves: list[list], device=None) -> Prefix:
+        """The offered prefix of a prompt bucketed to ``length``, laid out on ``device`` (one
+        of this process's; default: its first); ValueError when the offered leaves are not
+        such a prefix of this model."""
         template = prefix_template(self.cfg, length)
         flat, treedef = jax.tree.flatten(template)
         want = leaf_specs(flat)
         if want != [[list(s), str(np.dtype(d))] for s, d in leaves]:
             raise ValueError(f"offered leaves {leaves} do not match this decode model's {want}")
-        sharding = SingleDeviceSharding(self.device)
+        sharding = SingleDeviceSharding(self.device if device is None else device)
         specs = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding) for x in flat]
         if address not in self.conns:
             self.conns[address] = self.server.connect(address)

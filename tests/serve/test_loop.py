@@ -83,7 +83,7 @@ def test_loop_writes_outputs_and_summary(tmp_path):
         ('{"model": "a", "prompt_ids": [1, "x"]}', "prompt_ids must be a list of ints"),
         ('{"model": "a"}', "needs 'prompt' (text) or 'prompt_ids'"),
         ('{"model": "a", "prompt_ids": [1], "temprature": 1}', "unknown field(s) ['temprature']"),
-        ('[1, 2]', "must be a JSON object"),
+        ("[1, 2]", "must be a JSON object"),
         ('{"model": "a", "prompt_ids": [1], "arrival": -1}', "field 'arrival'"),
     ],
 )
