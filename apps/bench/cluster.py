@@ -50,13 +50,16 @@ def _pct(xs, q) -> float | None:
     return float(np.percentile(xs, q)) if len(xs) else None
 
 
-def start(raw: dict, env: dict) -> tuple[str, list[subprocess.Popen]]:
+def start(raw: dict, env: dict, roles=None) -> tuple[str, list[subprocess.Popen]]:
+    """Every instance of ``raw`` (or only the ``(role, name)`` pairs in ``roles``) as a
+    process; returns the config file's path and the processes."""
     path = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False).name
     with open(path, "w") as f:
         yaml.safe_dump(raw, f)
     cmd = [sys.executable, "-m", "sunjax.cli", "cluster", "--config", path, "--role"]
-    roles = [("prefill", s["name"]) for s in raw["prefill"]]
-    roles += [("decode", s["name"]) for s in raw["decode"]]
+    if roles is None:
+        roles = [("prefill", s["name"]) for s in raw["prefill"]]
+        roles += [("decode", s["name"]) for s in raw["decode"]]
     procs = [subprocess.Popen(cmd + [r, "--name", n], env=env) for r, n in roles]
     return path, procs
 

@@ -43,7 +43,8 @@ from apps.simulate.tables import TREES, Curve, Grid, StepTable, kv_bytes_per_tok
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StepsConfig:
-    model: str | None = None  # configs/models YAML; None = the serve tests' tiny random model
+    model: str | None = None  # configs/models YAML, or "module:NAME" of a ModelConfig (e.g.
+    # "apps.tiny:TINY", the cluster tests' model); None = the serve tests' tiny random model
     workers: int = 4
     slots_per_worker: int = 8
     max_len: int = 128
@@ -106,6 +107,12 @@ def _model(config: StepsConfig):
     over = {"dtype": config.dtype, "param_dtype": config.dtype} if config.dtype else {}
     if config.model is None:
         cfg = ModelConfig(**{**dict(load_config(None).model), **over})
+    elif ":" in config.model and not os.path.exists(config.model):
+        import importlib
+
+        module, name = config.model.split(":")
+        base = getattr(importlib.import_module(module), name)
+        cfg = dataclasses.replace(base, **over) if over else base
     else:
         cfg = load_model_config(config.model, scan_layers=False, **over)
     params = jax.jit(sunjax.init_params, static_argnums=0)(cfg, jax.random.key(config.seed))
@@ -149,12 +156,19 @@ class StepBench:
     the release, and one saturating host replay, and keeps the samples; ``table()`` turns
     all rounds into a ``StepTable`` (medians; the host cost fitted on every replay).
 
+    ``feed`` replaces how a timed step is fed and run (default: the single-process loop's
+    way, above): ``feed.handoff(bench, pool, n, task, worker, slot)`` puts a prompt of ``n``
+    tokens of task ``task`` into the slot and records its samples in ``bench.samples``;
+    ``feed.step(bench, pool, b)`` runs one decode step of ``b`` active slots and returns the
+    pool step's seconds; ``feed.finish(bench, table)`` adds what it measured to the table.
+    ``apps.simulate.validate.ClusterFeed`` feeds a cluster's decode instance this way.
+
     Rounds let a caller interleave the table with other timed work
     (``apps.simulate.validate`` puts a round before each repeat of the real runs), so a
     machine whose speed drifts over seconds (a shared VM) shifts both sides alike instead of
     biasing one of them."""
 
-    def __init__(self, config: StepsConfig):
+    def __init__(self, config: StepsConfig, feed=None):
         import jax
         import jax.numpy as jnp
 
@@ -201,6 +215,9 @@ class StepBench:
         self.replays: list[tuple[list, list]] = []  # per round: (step records, submit times)
         self.round_s: list[float] = []  # per round: the time its fed decode cells took
         self._jax = jax
+        self.feed = feed
+        if feed is not None:
+            feed.warm(self)
 
     def prefill(self, n: int, task: int = 0):
         prefix = self.engine.prefill(self.task_params[task], [1] * n, self.sampling)
@@ -233,6 +250,10 @@ class StepBench:
             n = self.lengths[self._fed % len(self.lengths)]
             task = self._fed % config.tasks
             self._fed += 1
+            if self.feed is not None:
+                self.feed.handoff(self, pool, n, task, W - 1, B - 1)
+                cell.append(self.feed.step(self, pool, b))
+                continue
             t0 = time.perf_counter()
             prefix = self.prefill(n, task)
             t1 = time.perf_counter()
@@ -359,6 +380,8 @@ class StepBench:
         if self.host_tree:
             host, admit, submit = self._host_fit(table)
             table = dataclasses.replace(table, host_step=host, admit=admit, submit=submit)
+        if self.feed is not None:
+            table = self.feed.finish(self, table)
         return table
 
     def _host_fit(self, table: StepTable) -> tuple[Curve, float, float]:

@@ -79,7 +79,7 @@ def run_main(argv: list[str]) -> int:
 
 
 def validate_main(argv: list[str]) -> int:
-    from apps.simulate.validate import KEYS, validate
+    from apps.simulate.validate import KEYS, validate, validate_cluster
 
     ap = argparse.ArgumentParser(prog="sunjax simulate validate")
     ap.add_argument("--out", required=True)
@@ -88,16 +88,35 @@ def validate_main(argv: list[str]) -> int:
     ap.add_argument("--policies", nargs="+", default=["sun", "conventional"])
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args(argv)
-    result = validate(
-        args.config,
-        alphas=[float(a) for a in args.alphas.split(",")],
-        policies=args.policies,
-        requests=args.requests,
-        repeats=args.repeats,
+    ap.add_argument(
+        "--cluster",
+        action="store_true",
+        help="the real multi-process cluster (1 prefill + --decode SUN decode processes) "
+        "against cluster mode, instead of the serving loop against engine mode",
     )
+    ap.add_argument("--decode", type=int, default=1, help="--cluster: decode processes")
+    ap.add_argument("--slots", type=int, default=8, help="--cluster: slots per decode process")
+    args = ap.parse_args(argv)
+    alphas = [float(a) for a in args.alphas.split(",")]
+    if args.cluster:
+        result = validate_cluster(
+            alphas=alphas,
+            requests=args.requests or 120,
+            repeats=args.repeats,
+            slots=args.slots,
+            decode=args.decode,
+        )
+    else:
+        result = validate(
+            args.config,
+            alphas=alphas,
+            policies=args.policies,
+            requests=args.requests,
+            repeats=args.repeats,
+        )
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "validation.json"), "w") as f:
+    name = "cluster_validation.json" if args.cluster else "validation.json"
+    with open(os.path.join(args.out, name), "w") as f:
         json.dump(result, f, indent=2)
     print(
         f"{'policy':>12} {'alpha':>5} "

@@ -10,6 +10,16 @@ Two shapes of the same request flow (admit -> prefill with the task's module -> 
   prefill is routed at once (least-loaded over all instances for SUN / QSUN, model-affine for
   conventional) and joins its instance's batch at the next step after the hand-off; when no
   allowed instance has a free slot it waits in one FIFO queue.
+  Two options describe ``sunjax cluster`` (``serve.cluster``) as it runs:
+  ``prefill_shared``: the ``prefill_instances`` (default 1) each host every task and serve
+  one queue in turn (one prefill process holding all task modules), instead of instances
+  per task; ``route="before_prefill"``: the frontend reserves a decode slot first and only
+  then sends the prefill, so a request waits in the FIFO queue *before* its prefill and the
+  reserved slot stays empty through prefill and hand-off. Each control message between
+  processes costs the table's ``hop`` (0 in tables without one): a freed slot reaches the
+  frontend one hop after its step (the step's ``host_time`` covers the tokens message),
+  the prefill request one hop after routing, and the decode request two hops (prefilled ->
+  frontend -> decode instance) after the prefill.
 * ``mode="engine"``: the single-process serving loop of ``serve.loop.replay`` /
   ``serve.Scheduler.step`` on one host: every iteration admits what fits (prefill and hand-off
   of each admitted request in turn), then runs one decode step of the whole pool (all
@@ -37,6 +47,7 @@ from serve import LeastLoaded, ModelAffine
 POLICIES = ("sun", "qsun", "conventional")
 MODES = ("cluster", "engine")
 SPLITS = ("even", "popularity")
+ROUTES = ("after_prefill", "before_prefill")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,6 +59,8 @@ class ClusterConfig:
     # over tasks in proportion to their traffic, at least one each, the same for every policy
     mode: str = "cluster"  # "cluster" | "engine"
     split: str = "even"  # conventional: "even" (ModelAffine.split) or "popularity"
+    prefill_shared: bool = False  # cluster mode: prefill instances host every task, one queue
+    route: str = "after_prefill"  # cluster mode: "before_prefill" = reserve the slot first
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -56,6 +69,8 @@ class ClusterConfig:
             raise ValueError(f"mode={self.mode!r} must be one of {MODES}")
         if self.split not in SPLITS:
             raise ValueError(f"split={self.split!r} must be one of {SPLITS}")
+        if self.route not in ROUTES:
+            raise ValueError(f"route={self.route!r} must be one of {ROUTES}")
         for name in ("decode_instances", "slots"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -220,7 +235,10 @@ class Simulation:
         self.tasks = list(tasks)
         self.tree = table.tree_for(config.policy)
         self.weights = list(weights) if weights is not None else [1.0] * len(self.tasks)
-        self.prefill = proportional(config.prefill_instances or len(self.tasks), self.weights)
+        if config.prefill_shared:
+            self.prefill = [config.prefill_instances or 1]  # one pool serving every task
+        else:
+            self.prefill = proportional(config.prefill_instances or len(self.tasks), self.weights)
         n = config.decode_instances
         if config.shared:
             self.router = LeastLoaded(n)
@@ -308,11 +326,33 @@ class Simulation:
     def _cluster(self, env, lives: list[_Live], c: _Counters) -> None:
         t, cfg = self.table, self.config
         instances = [_Instance(env, cfg.slots) for _ in range(cfg.decode_instances)]
-        prefill = {
-            m: simpy.Resource(env, capacity=k)
-            for m, k in zip(self.tasks, self.prefill, strict=True)
-        }
+        if cfg.prefill_shared:
+            pool = simpy.Resource(env, capacity=self.prefill[0])
+            prefill = dict.fromkeys(self.tasks, pool)
+        else:
+            prefill = {
+                m: simpy.Resource(env, capacity=k)
+                for m, k in zip(self.tasks, self.prefill, strict=True)
+            }
         pending: collections.deque[_Live] = collections.deque()
+        before = cfg.route == "before_prefill"
+
+        def run_prefill(live: _Live):
+            with prefill[live.req.model].request() as slot:
+                yield slot
+                yield env.timeout(t.prefill_time(live.req.prompt_len))
+            live.first, live.tokens = env.now, 1
+
+        def reserved(live: _Live, inst: _Instance):  # route="before_prefill": slot held
+            yield env.timeout(t.hop)  # frontend -> prefill instance
+            yield from run_prefill(live)
+            if live.tokens >= live.req.output_len:
+                live.done = env.now
+                inst.reserved -= 1
+                drain()
+                return
+            yield env.timeout(2 * t.hop)  # prefilled -> frontend -> decode instance
+            yield from handoff(live, inst)
 
         def handoff(live: _Live, inst: _Instance):
             yield env.timeout(t.handoff_time(live.req.prompt_len))
@@ -326,7 +366,7 @@ class Simulation:
                 return False
             live.worker = w
             instances[w].reserved += 1
-            env.process(handoff(live, instances[w]))
+            env.process((reserved if before else handoff)(live, instances[w]))
             return True
 
         def drain() -> None:
@@ -343,16 +383,22 @@ class Simulation:
 
         def request(live: _Live):
             yield env.timeout(live.req.at)
-            with prefill[live.req.model].request() as slot:
-                yield slot
-                yield env.timeout(t.prefill_time(live.req.prompt_len))
-            live.first, live.tokens = env.now, 1
+            if before:
+                if pending or not place(live):
+                    pending.append(live)
+                    drain()
+                return
+            yield from run_prefill(live)
             if live.tokens >= live.req.output_len:
                 live.done = env.now
                 return
             if pending or not place(live):
                 pending.append(live)
                 drain()
+
+        def drain_later(delay: float):
+            yield env.timeout(delay)
+            drain()
 
         def decode(inst: _Instance):
             while True:
@@ -380,7 +426,10 @@ class Simulation:
                     inst.active = still
                     if t.release:
                         yield env.timeout(t.release)
-                    drain()
+                    if t.hop:
+                        env.process(drain_later(t.hop))  # the tokens message in flight
+                    else:
+                        drain()
                 if not inst.joining and not inst.active:
                     inst.wake = env.event()
 

@@ -11,7 +11,10 @@ A table is a JSON document (``StepTable.to_json`` / ``StepTable.load``) with
 * ``release``: seconds to free slots after a step in which a request finished;
 * ``host_step``, ``admit``, ``submit``: host work of the single-process serving loop outside
   those calls: per decode step (against active slots), per admitted request, per submitted
-  request (measured; absent from the roofline table, whose cluster runs no such loop);
+  request (measured; absent from the roofline table, whose cluster runs no such loop); in a
+  table of a cluster's decode instance (``apps.simulate.validate.ClusterFeed``), ``host_step``
+  is the decode process's own work per step (its tokens message) instead;
+* ``hop``: one control message between two processes of a cluster (0: not measured);
 * ``kind``: ``measured`` (``sunjax bench steps`` on the machine in ``machine``) or
   ``roofline`` (a model, not a measurement; see ``roofline_h200``).
 
@@ -114,6 +117,7 @@ class StepTable:
     host_step: Curve | None = None  # x = active slots
     admit: float = 0.0  # host seconds per admitted request beyond its prefill and hand-off
     submit: float = 0.0  # host seconds per request when it is submitted
+    hop: float = 0.0  # one control message between processes (cluster mode; 0 = none)
     prefill_bucket: int | None = None  # the engine's min_bucket: prompts are padded as it does
     pool: Mapping[str, int] | None = None  # measured: the dispatch unit (workers x slots)
     meta: Mapping[str, object] = dataclasses.field(default_factory=dict)
@@ -180,6 +184,7 @@ class StepTable:
             "host_step": curve(self.host_step),
             "admit": self.admit,
             "submit": self.submit,
+            "hop": self.hop,
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "prefill_bucket": self.prefill_bucket,
             "pool": dict(self.pool) if self.pool else None,
@@ -199,6 +204,7 @@ class StepTable:
             host_step=curve(d.get("host_step")),
             admit=float(d.get("admit", 0.0)),
             submit=float(d.get("submit", 0.0)),
+            hop=float(d.get("hop", 0.0)),
             kv_bytes_per_token=int(d["kv_bytes_per_token"]),
             prefill_bucket=d.get("prefill_bucket"),
             pool=d.get("pool"),

@@ -16,6 +16,8 @@ model. Interleaved, both medians sample the same stretch of time.
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -105,6 +107,303 @@ def validate(
         rows.append(row)
     return {
         "config": config_path,
+        "repeats": repeats,
+        "table_drift": bench.drift(),
+        "table": table.to_json(),
+        "rows": rows,
+    }
+
+
+# -- the cluster: ``sunjax cluster``'s processes against the model's cluster mode -------------
+class ClusterFeed:
+    """``StepBench``'s feed for a decode instance of ``sunjax cluster``
+    (``serve.cluster.instances.DecodeInstance``): no prefill runs in the decode process.
+
+    * hand-off: a real prefill process (``PrefillInstance``, started from ``raw`` beside the
+      cluster under test, answering this object's own ``wire.Hub``) prefills and offers the
+      prompt; here it is pulled over ``jax.experimental.transfer`` (``wire.Puller``) onto the
+      pool's device and inserted, as ``DecodeInstance.take`` + ``land`` do. Samples: the
+      prefill as the prefill process times it (``prefill_s``), the pull + insert (the
+      table's hand-off), and one control-message hop, ``(round trip - prefill_s) / 2`` (the
+      offer, JSON and ZeroMQ both ways);
+    * step: ``DecodeInstance.work`` itself (on an instance shell around the bench's pool and
+      a ZeroMQ channel to the hub) with its ``pool.step`` timed inside: the step is the
+      table's decode sample, the rest of one loop iteration (``beat``, ``recv``, the tokens
+      message) is the decode process's host work per step, the table's ``host_step``.
+    """
+
+    def __init__(self, raw: dict, env: dict):
+        from apps.bench.cluster import start
+        from serve.cluster import wire
+        from serve.cluster.config import cluster_config
+
+        self.wire = wire
+        self.config = cluster_config(raw)
+        self.name = self.config.prefill[0].name
+        self.tasks = list(self.config.prefill[0].tasks)
+        self.hub = wire.Hub(f"tcp://{self.config.host}:{self.config.control_port}")
+        self.channel = wire.Channel(self.config.control_address, "feed-decode")
+        self.path, self.procs = start(raw, env, roles=[("prefill", self.name)])
+        self.transfer: str | None = None
+        self.server = self.puller = None
+        self._n = 0
+
+    def _recv(self, want: str | None, timeout_s: float = 600.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for _, msg in self.hub.recv(0.05):
+                if msg["op"] == "heartbeat":
+                    self.transfer = msg["transfer"]
+                    if want is None:
+                        return msg
+                elif want is not None and msg.get("id") == want:
+                    if msg["op"] != "prefilled":
+                        raise RuntimeError(f"feed prefill failed: {msg}")
+                    return msg
+        raise TimeoutError(f"no answer from prefill {self.name!r} in {timeout_s} s")
+
+    def warm(self, bench) -> None:
+        if any(p.poll() is not None for p in self.procs):
+            raise RuntimeError("the feed's prefill process exited")
+        self._recv(None)  # the prefill instance is up (compiled) and says where it offers
+        self.server = self.wire.start_transfer_server(self.config.host)
+        self.puller = self.wire.Puller(self.server, bench.cfg)
+        W, B = bench.config.workers, bench.config.slots_per_worker
+        for pool in bench.trees.values():
+            for n in bench.lengths:  # compile each bucket's pulled-prefix insert
+                for _ in range(2):
+                    self.handoff(bench, pool, n, 0, W - 1, B - 1, record=False)
+            pool.set_active(np.zeros(pool.slots, bool))
+            self.step(bench, pool, 1, record=False)
+
+    def handoff(self, bench, pool, n: int, task: int, worker: int, slot: int, record=True):
+        import jax
+
+        self._n += 1
+        rid = f"feed-{self._n}"
+        prompt = [1] * min(n, bench.config.max_len - 1)  # bucket n (max_len: one to generate)
+        t0 = time.perf_counter()
+        self.hub.send(
+            self.name,
+            {
+                "op": "prefill",
+                "id": rid,
+                "model": self.tasks[task % len(self.tasks)],
+                "prompt": prompt,
+                "max_tokens": 1,
+                "sampling": {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0},
+                "logprobs": False,
+            },
+        )
+        msg = self._recv(rid, 60.0)
+        t1 = time.perf_counter()
+        prefix = self.puller.pull(
+            self.transfer,
+            int(msg["uuid"]),
+            int(msg["bucket"]),
+            msg["leaves"],
+            device=pool.devices[worker],
+        )
+        while not self.wire.ready(prefix):
+            pass
+        jax.block_until_ready(prefix)
+        pool.insert(prefix, worker, slot)
+        jax.block_until_ready(pool.state.tokens)
+        t2 = time.perf_counter()
+        self.hub.send(self.name, {"op": "release", "uuid": msg["uuid"]})
+        if record:
+            s = bench.samples
+            s["prefill"].setdefault(n, []).append(float(msg["prefill_s"]))
+            s["handoff"].setdefault(n, []).append(t2 - t1)
+            s.setdefault("hop", []).append((t1 - t0 - float(msg["prefill_s"])) / 2)
+
+    def step(self, bench, pool, b: int, record=True) -> float:
+        """One iteration of the decode process's loop with ``b`` slots running."""
+        from serve.cluster.instances import DecodeInstance, _Slot
+
+        W, B = bench.config.workers, bench.config.slots_per_worker
+        active = np.zeros(W * B, bool)
+        for i in range(b):
+            active[(i % W) * B + i // W] = True
+        inst = object.__new__(DecodeInstance)  # the real loop code around the bench's pool
+        inst.config, inst.spec, inst.epoch = self.config, self.config.decode[0], "feed"
+        inst.group, inst.pulls, inst.remote, inst.pool = None, {}, {}, pool
+        inst.channel, inst._next_beat, inst.server = self.channel, float("inf"), self.server
+        inst.active = active
+        inst.slots = [
+            _Slot(f"s{i}", 10**9, frozenset(), False) if a else None for i, a in enumerate(active)
+        ]
+        inner, timed = pool.step, []
+
+        def step():
+            t = time.perf_counter()
+            out = inner()
+            timed.append(time.perf_counter() - t)
+            return out
+
+        pool.step = step
+        try:
+            t0 = time.perf_counter()
+            inst.beat()
+            inst.channel.recv(inst.wait())
+            inst.work()
+            total = time.perf_counter() - t0
+        finally:
+            del pool.step
+        if record:
+            bench.samples.setdefault("host", {}).setdefault(b, []).append(total - timed[0])
+        return timed[0]
+
+    def finish(self, bench, table):
+        import statistics
+
+        from apps.simulate.tables import Curve
+
+        host = bench.samples["host"]
+        xs = sorted(host)
+        return dataclasses.replace(
+            table,
+            host_step=Curve(x=xs, seconds=[statistics.median(host[b]) for b in xs]),
+            hop=statistics.median(bench.samples["hop"]),
+            meta={**table.meta, "feed": "cluster decode instance (ClusterFeed)"},
+        )
+
+    def close(self) -> None:
+        from apps.bench.cluster import _stop
+
+        _stop(self.procs)
+        os.unlink(self.path)
+        self.channel.close()
+        self.hub.close()
+
+
+def validate_cluster(
+    *,
+    alphas: Sequence[float] = (0.0, 1.0, 1.5),
+    requests: int = 120,
+    repeats: int = 3,
+    slots: int = 8,
+    decode: int = 1,
+    steps: int = 8,
+    seed: int = 0,
+) -> dict:
+    """``sunjax cluster`` on this host (1 prefill process holding both tasks of
+    ``apps.bench.cluster.TASKS`` + ``decode`` SUN decode processes of ``slots`` slots, the
+    frontend ``ClusterScheduler`` here) against the model in cluster mode with one shared
+    prefill instance and the frontend's slot-before-prefill routing. The same seeded
+    workloads as ``sunjax bench cluster`` (all requests at once: saturating) at each alpha,
+    ``repeats`` times in a shuffled order, each repeat after one round of the table of a
+    decode instance (``ClusterFeed``)."""
+    import tempfile
+    import types
+
+    from apps.bench.cluster import TASKS, _replay, _stop, _summary, _workload, start
+    from apps.remote_server import REPO, free_port
+    from apps.tiny import TINY, tiny_export
+    from serve.cluster.config import cluster_config
+    from serve.cluster.frontend import ClusterScheduler
+
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be >= 1")
+    ensure_cpu_devices(1)
+    work = tempfile.mkdtemp(prefix="sunjax-validate-cluster-")
+    export = os.path.join(work, "exp")
+    tiny_export(export, TASKS)
+    env = {
+        **os.environ,
+        "PYTHONPATH": REPO,
+        "JAX_COMPILATION_CACHE_DIR": os.path.join(work, "jax-cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+
+    def raw_for(decodes: int) -> dict:
+        return {
+            "policy": "sun",
+            "export": export,
+            "frontend": {"control_port": free_port()},
+            "prefill": [{"name": "p0", "tasks": list(TASKS)}],
+            "decode": [{"name": f"d{i}"} for i in range(decodes)],
+            "slots": slots,
+            "max_len": 128,
+            "min_bucket": 16,
+            "log_level": "error",
+        }
+
+    raw = raw_for(decode)
+    path, procs = start(raw, env)
+    feed = sched = None
+    try:
+        sched = ClusterScheduler(cluster_config(raw), TINY, poll_s=0.001)
+        feed = ClusterFeed(raw_for(1), env)
+        bench = StepBench(
+            StepsConfig(
+                model="apps.tiny:TINY",
+                workers=1,
+                slots_per_worker=slots,
+                max_len=128,
+                min_bucket=16,
+                steps=steps,
+                trees=("sun",),
+                host_requests=0,
+                tasks=len(TASKS),
+                seed=seed,
+            ),
+            feed=feed,
+        )
+        sched.wait_ready(600)
+        ns = types.SimpleNamespace(requests=requests)
+        _replay(sched, _workload(types.SimpleNamespace(requests=16), 0.0, 1.0, "warm"))
+        runs: list[list[dict]] = [[] for _ in alphas]
+        rng = np.random.default_rng(seed)
+        for r in range(repeats):
+            bench.round()
+            for i in rng.permutation(len(alphas)):
+                arrivals = _workload(ns, 0.0, alphas[i], f"r{r}-a{alphas[i]:g}")
+                steps0 = sched.decode_steps
+                results, wall = _replay(sched, arrivals)
+                out = _summary(results, wall)
+                out["decode_steps"] = sched.decode_steps - steps0
+                runs[i].append(out)
+        table = bench.table()
+        rows = []
+        for alpha, reps in zip(alphas, runs, strict=True):
+            arrivals = _workload(ns, 0.0, alpha, "sim")
+            real = {k: float(np.median([x[k] for x in reps])) for k in KEYS}
+            tput = [x["throughput_tok_s"] for x in reps]
+            sim = simulate(
+                ClusterConfig(
+                    policy="sun",
+                    mode="cluster",
+                    decode_instances=decode,
+                    slots=slots,
+                    prefill_instances=1,
+                    prefill_shared=True,
+                    route="before_prefill",
+                ),
+                table,
+                from_arrivals(arrivals),
+                tasks=list(TASKS),
+            )
+            row = {"policy": "sun", "zipf_alpha": alpha, "noise": max(tput) / min(tput) - 1}
+            for k in KEYS:
+                row[f"real_{k}"] = real[k]
+                row[f"sim_{k}"] = sim[k]
+                row[f"err_{k}"] = rel_err(sim[k], real[k])
+            row["real_repeats"] = reps
+            row["sim"] = sim
+            rows.append(row)
+    finally:
+        if sched is not None:
+            sched.close()
+        if feed is not None:
+            feed.close()
+        _stop(procs)
+        os.unlink(path)
+    return {
+        "cluster": f"1 prefill process ({', '.join(TASKS)}) + {decode} SUN decode process(es) "
+        f"x {slots} slots + the frontend (ClusterScheduler) in the validating process",
+        "workload": f"{requests} requests at once, prompts 8-48, outputs 16-64, ignore_eos",
         "repeats": repeats,
         "table_drift": bench.drift(),
         "table": table.to_json(),
