@@ -129,6 +129,13 @@ def validate_main(argv: list[str]) -> int:
             for k in KEYS
         )
         print(f"{r['policy']:>12} {r['zipf_alpha']:>5} {cells} {100 * r['noise']:>5.0f}%")
+        if "phases_ms_p50" in r:
+            for side in ("real", "table"):
+                ph = r["phases_ms_p50"][side]
+                print(
+                    f"{'':>18} {side:>5} ms p50: "
+                    + ", ".join(f"{k} {v:.3f}" for k, v in ph.items() if v is not None)
+                )
     print(
         f"{result['repeats']} rounds of the table interleaved with the real runs; the table's "
         f"rounds spread {100 * result['table_drift']:.0f}% (the machine's drift)"

@@ -352,6 +352,20 @@ def validate_cluster(
             feed=feed,
         )
         sched.wait_ready(600)
+        phases: dict[str, list[float]] = {}
+        handle = sched._handle
+
+        def record(name: str, msg: dict) -> None:  # the real calls' own timings, per phase
+            op = msg.get("op")
+            if op == "prefilled":
+                phases.setdefault("prefill", []).append(float(msg["prefill_s"]))
+            elif op == "tokens" and "step_s" in msg:
+                phases.setdefault("step", []).append(float(msg["step_s"]))
+                phases.setdefault("tokens_at", []).append(time.perf_counter())
+                phases.setdefault("batch", []).append(len(msg["items"]))
+            handle(name, msg)
+
+        sched._handle = record
         ns = types.SimpleNamespace(requests=requests)
         _replay(sched, _workload(types.SimpleNamespace(requests=16), 0.0, 1.0, "warm"))
         runs: list[list[dict]] = [[] for _ in alphas]
@@ -361,9 +375,12 @@ def validate_cluster(
             for i in rng.permutation(len(alphas)):
                 arrivals = _workload(ns, 0.0, alphas[i], f"r{r}-a{alphas[i]:g}")
                 steps0 = sched.decode_steps
+                phases.clear()
+                sched.handoffs.clear()
                 results, wall = _replay(sched, arrivals)
                 out = _summary(results, wall)
                 out["decode_steps"] = sched.decode_steps - steps0
+                out["phases_ms_p50"] = _phases(phases, sched.handoffs, decode)
                 runs[i].append(out)
         table = bench.table()
         rows = []
@@ -392,6 +409,13 @@ def validate_cluster(
                 row[f"err_{k}"] = rel_err(sim[k], real[k])
             row["real_repeats"] = reps
             row["sim"] = sim
+            row["phases_ms_p50"] = {
+                "real": {
+                    k: float(np.median([x["phases_ms_p50"][k] for x in reps]))
+                    for k in reps[0]["phases_ms_p50"]
+                },
+                "table": _table_phases(table, from_arrivals(arrivals), slots),
+            }
             rows.append(row)
     finally:
         if sched is not None:
@@ -408,4 +432,38 @@ def validate_cluster(
         "table_drift": bench.drift(),
         "table": table.to_json(),
         "rows": rows,
+    }
+
+
+def _phases(phases: dict, handoffs, decodes: int) -> dict:
+    """Medians (ms) of one real run's phases, from the cluster's own messages: the prefill
+    process's ``prefill_s``, the decode process's pull + insert (``started``'s ``pull_s``)
+    and the frontend's hand-off (prefilled -> started), the decode step (``tokens``'
+    ``step_s``), and (one decode process) the time between its tokens messages: one loop
+    iteration of the decode process, step and host work and any pulls and inserts."""
+    ms = lambda v: 1e3 * float(np.median(v)) if len(v) else None
+    at = np.asarray(phases.get("tokens_at", []))
+    return {
+        "prefill": ms(phases.get("prefill", [])),
+        "pull_insert": ms([h.pull_seconds for h in handoffs]),
+        "handoff_frontend": ms([h.seconds for h in handoffs]),
+        "step": ms(phases.get("step", [])),
+        "iteration": ms(np.diff(at)) if decodes == 1 and len(at) > 1 else None,
+        "batch": float(np.median(phases["batch"])) if phases.get("batch") else None,
+    }
+
+
+def _table_phases(table, requests, slots: int) -> dict:
+    """What the table charges for the same phases (ms, medians over ``requests``; the step
+    at a full batch and the median context a request reaches halfway)."""
+    ctx = float(np.median([r.prompt_len + r.output_len / 2 for r in requests]))
+    step = table.decode_time("sun", slots, ctx)
+    return {
+        "prefill": 1e3 * float(np.median([table.prefill_time(r.prompt_len) for r in requests])),
+        "pull_insert": 1e3 * float(np.median([table.handoff_time(r.prompt_len) for r in requests])),
+        "handoff_frontend": 1e3
+        * float(np.median([table.handoff_time(r.prompt_len) + 2 * table.hop for r in requests])),
+        "step": 1e3 * step,
+        "iteration": 1e3 * (step + table.host_time(slots)),
+        "hop": 1e3 * table.hop,
     }

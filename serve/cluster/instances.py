@@ -448,7 +448,9 @@ class DecodeInstance(_Role):
         if not self.active.any():
             return
         live = [int(s) for s in np.flatnonzero(self.active)]
+        start = time.perf_counter()
         tokens, lp = self._step(any(self.slots[s].logprobs for s in live))
+        step_s = time.perf_counter() - start
         items, done = [], []
         for s in live:
             slot, token = self.slots[s], int(tokens[s])
@@ -465,7 +467,7 @@ class DecodeInstance(_Role):
                 self.free(s)
         if done:
             self._set_active()
-        self.channel.send({"op": "tokens", "items": items, "done": done})
+        self.channel.send({"op": "tokens", "items": items, "done": done, "step_s": step_s})
 
 
 class FollowerInstance(DecodeInstance):

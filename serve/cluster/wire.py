@@ -15,7 +15,8 @@ instance drops the prefix. An offer nobody confirms is dropped after ``offer_tim
 Messages (instance -> frontend):
     heartbeat {role, name, epoch, transfer, tasks | model, slots, running}
     prefilled {id, uuid, bucket, token, logprob, top, leaves, kv_bytes, prefill_s}
-    started {id, pull_s}        tokens {items: [[id, token, logprob, top], ...], done: [[id, why]]}
+    started {id, pull_s}        tokens {items: [[id, token, logprob, top], ...], done: [[id, why]],
+                                        step_s (the decode step's seconds, for phase timing)}
     failed {id, error[, retry]} (prefill or decode could not take the request; retry: the
                                  KV pull failed, a re-run elsewhere may succeed)
 Messages (frontend -> instance):
