@@ -19,7 +19,8 @@ Two shapes of the same request flow (admit -> prefill with the task's module -> 
   processes costs the table's ``hop`` (0 in tables without one): a freed slot reaches the
   frontend one hop after its step (the step's ``host_time`` covers the tokens message),
   the prefill request one hop after routing, and the decode request two hops (prefilled ->
-  frontend -> decode instance) after the prefill.
+  frontend -> decode instance) after the prefill. A table's ``handoff_decode`` (the
+  hand-off's work in the decode instance's own loop) is added to the step a request joins.
 * ``mode="engine"``: the single-process serving loop of ``serve.loop.replay`` /
   ``serve.Scheduler.step`` on one host: every iteration admits what fits (prefill and hand-off
   of each admitted request in turn), then runs one decode step of the whole pool (all
@@ -402,6 +403,7 @@ class Simulation:
 
         def decode(inst: _Instance):
             while True:
+                joined = sum(t.handoff_decode_time(j.req.prompt_len) for j in inst.joining)
                 inst.active += inst.joining
                 inst.joining = []
                 if not inst.active:
@@ -410,7 +412,7 @@ class Simulation:
                     continue
                 n = len(inst.active)
                 ctx = sum(s.ctx for s in inst.active) / n
-                dt = t.decode_time(self.tree, n, ctx) + t.host_time(n)
+                dt = t.decode_time(self.tree, n, ctx) + t.host_time(n) + joined
                 yield env.timeout(dt)
                 c.steps += 1
                 c.occupancy += n / inst.slots

@@ -14,6 +14,8 @@ A table is a JSON document (``StepTable.to_json`` / ``StepTable.load``) with
   request (measured; absent from the roofline table, whose cluster runs no such loop); in a
   table of a cluster's decode instance (``apps.simulate.validate.ClusterFeed``), ``host_step``
   is the decode process's own work per step (its tokens message) instead;
+* ``handoff_decode``: the part of ``handoff`` a cluster's decode instance spends in its own
+  loop (issuing the pull, inserting), charged to the step at which the request joins;
 * ``hop``: one control message between two processes of a cluster (0: not measured);
 * ``kind``: ``measured`` (``sunjax bench steps`` on the machine in ``machine``) or
   ``roofline`` (a model, not a measurement; see ``roofline_h200``).
@@ -118,6 +120,9 @@ class StepTable:
     admit: float = 0.0  # host seconds per admitted request beyond its prefill and hand-off
     submit: float = 0.0  # host seconds per request when it is submitted
     hop: float = 0.0  # one control message between processes (cluster mode; 0 = none)
+    # cluster mode: the hand-off's share that the decode instance's own loop spends, serial
+    # with its steps (pull issue + insert), x = KV bytes; None = the hand-off overlaps fully
+    handoff_decode: Curve | None = None
     prefill_bucket: int | None = None  # the engine's min_bucket: prompts are padded as it does
     pool: Mapping[str, int] | None = None  # measured: the dispatch unit (workers x slots)
     meta: Mapping[str, object] = dataclasses.field(default_factory=dict)
@@ -159,6 +164,11 @@ class StepTable:
     def handoff_time(self, prompt_tokens: int) -> float:
         return self.handoff(self.padded(prompt_tokens) * self.kv_bytes_per_token)
 
+    def handoff_decode_time(self, prompt_tokens: int) -> float:
+        if self.handoff_decode is None:
+            return 0.0
+        return self.handoff_decode(self.padded(prompt_tokens) * self.kv_bytes_per_token)
+
     def host_time(self, active: int) -> float:
         return 0.0 if self.host_step is None else self.host_step(active)
 
@@ -185,6 +195,7 @@ class StepTable:
             "admit": self.admit,
             "submit": self.submit,
             "hop": self.hop,
+            "handoff_decode": curve(self.handoff_decode),
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "prefill_bucket": self.prefill_bucket,
             "pool": dict(self.pool) if self.pool else None,
@@ -205,6 +216,7 @@ class StepTable:
             admit=float(d.get("admit", 0.0)),
             submit=float(d.get("submit", 0.0)),
             hop=float(d.get("hop", 0.0)),
+            handoff_decode=curve(d.get("handoff_decode")),
             kv_bytes_per_token=int(d["kv_bytes_per_token"]),
             prefill_bucket=d.get("prefill_bucket"),
             pool=d.get("pool"),

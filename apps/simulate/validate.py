@@ -147,6 +147,7 @@ class ClusterFeed:
         self.transfer: str | None = None
         self.server = self.puller = None
         self._n = 0
+        self.ahead: tuple[str, int, int] | None = None  # a prefill sent before a step
 
     def _recv(self, want: str | None, timeout_s: float = 600.0) -> dict:
         deadline = time.monotonic() + timeout_s
@@ -176,26 +177,45 @@ class ClusterFeed:
             pool.set_active(np.zeros(pool.slots, bool))
             self.step(bench, pool, 1, record=False)
 
-    def handoff(self, bench, pool, n: int, task: int, worker: int, slot: int, record=True):
-        import jax
-
+    def _send(self, bench, n: int, task: int, model: str | None = None) -> str:
         self._n += 1
         rid = f"feed-{self._n}"
-        prompt = [1] * min(n, bench.config.max_len - 1)  # bucket n (max_len: one to generate)
-        t0 = time.perf_counter()
         self.hub.send(
             self.name,
             {
                 "op": "prefill",
                 "id": rid,
-                "model": self.tasks[task % len(self.tasks)],
-                "prompt": prompt,
+                "model": model or self.tasks[task % len(self.tasks)],
+                "prompt": [1] * min(n, bench.config.max_len - 1),  # bucket n (one to generate)
                 "max_tokens": 1,
                 "sampling": {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0},
                 "logprobs": False,
             },
         )
+        return rid
+
+    def _hop(self, bench) -> float:
+        """Half a control round trip: a prefill of a task the instance does not hold, which
+        it answers at once with ``failed``."""
+        t0 = time.perf_counter()
+        rid = self._send(bench, 1, 0, model="not-a-task")
+        while True:
+            got = [m for _, m in self.hub.recv(0.05) if m.get("id") == rid]
+            if got:
+                return (time.perf_counter() - t0) / 2
+
+    def handoff(self, bench, pool, n: int, task: int, worker: int, slot: int, record=True):
+        """The prompt's prefill (sent before the previous timed step when ``record``, so it
+        runs beside that step as the cluster runs them), then pull + insert into the slot."""
+        import jax
+
+        if self.ahead is not None and self.ahead[1:] == (n, task):
+            rid = self.ahead[0]
+        else:
+            rid = self._send(bench, n, task)
+        self.ahead = None
         msg = self._recv(rid, 60.0)
+        hop = self._hop(bench)
         t1 = time.perf_counter()
         prefix = self.puller.pull(
             self.transfer,
@@ -204,18 +224,21 @@ class ClusterFeed:
             msg["leaves"],
             device=pool.devices[worker],
         )
+        t2 = time.perf_counter()
         while not self.wire.ready(prefix):
             pass
         jax.block_until_ready(prefix)
+        t3 = time.perf_counter()
         pool.insert(prefix, worker, slot)
         jax.block_until_ready(pool.state.tokens)
-        t2 = time.perf_counter()
+        t4 = time.perf_counter()
         self.hub.send(self.name, {"op": "release", "uuid": msg["uuid"]})
         if record:
             s = bench.samples
             s["prefill"].setdefault(n, []).append(float(msg["prefill_s"]))
-            s["handoff"].setdefault(n, []).append(t2 - t1)
-            s.setdefault("hop", []).append((t1 - t0 - float(msg["prefill_s"])) / 2)
+            s["handoff"].setdefault(n, []).append(t4 - t1)
+            s.setdefault("handoff_decode", {}).setdefault(n, []).append(t2 - t1 + t4 - t3)
+            s.setdefault("hop", []).append(hop)
 
     def step(self, bench, pool, b: int, record=True) -> float:
         """One iteration of the decode process's loop with ``b`` slots running."""
@@ -242,6 +265,10 @@ class ClusterFeed:
             return out
 
         pool.step = step
+        if record:  # the next hand-off's prefill runs beside this step, as in the cluster
+            n = bench.lengths[bench._fed % len(bench.lengths)]
+            task = bench._fed % bench.config.tasks
+            self.ahead = (self._send(bench, n, task), n, task)
         try:
             t0 = time.perf_counter()
             inst.beat()
@@ -259,11 +286,14 @@ class ClusterFeed:
 
         from apps.simulate.tables import Curve
 
-        host = bench.samples["host"]
+        host, dec = bench.samples["host"], bench.samples["handoff_decode"]
         xs = sorted(host)
         return dataclasses.replace(
             table,
             host_step=Curve(x=xs, seconds=[statistics.median(host[b]) for b in xs]),
+            handoff_decode=Curve(
+                x=table.handoff.x, seconds=[statistics.median(dec[n]) for n in bench.lengths]
+            ),
             hop=statistics.median(bench.samples["hop"]),
             meta={**table.meta, "feed": "cluster decode instance (ClusterFeed)"},
         )
@@ -449,6 +479,9 @@ def _phases(phases: dict, handoffs, decodes: int) -> dict:
         "handoff_frontend": ms([h.seconds for h in handoffs]),
         "step": ms(phases.get("step", [])),
         "iteration": ms(np.diff(at)) if decodes == 1 and len(at) > 1 else None,
+        "iteration_mean": 1e3 * float(np.mean(np.diff(at)))
+        if decodes == 1 and len(at) > 1
+        else None,
         "batch": float(np.median(phases["batch"])) if phases.get("batch") else None,
     }
 
@@ -465,5 +498,7 @@ def _table_phases(table, requests, slots: int) -> dict:
         * float(np.median([table.handoff_time(r.prompt_len) + 2 * table.hop for r in requests])),
         "step": 1e3 * step,
         "iteration": 1e3 * (step + table.host_time(slots)),
+        "handoff_decode": 1e3
+        * float(np.median([table.handoff_decode_time(r.prompt_len) for r in requests])),
         "hop": 1e3 * table.hop,
     }
