@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from collections.abc import Sequence
 
@@ -454,6 +455,7 @@ def validate_cluster(
             feed.close()
         _stop(procs)
         os.unlink(path)
+        shutil.rmtree(work, ignore_errors=True)
     return {
         "cluster": f"1 prefill process ({', '.join(TASKS)}) + {decode} SUN decode process(es) "
         f"x {slots} slots + the frontend (ClusterScheduler) in the validating process",
