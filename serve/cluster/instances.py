@@ -356,6 +356,15 @@ class DecodeInstance(_Role):
         deadline = time.monotonic() + self.config.pull_timeout_s
         self.pulls[slot] = _Pull(msg, prefix, start, deadline)
 
+    def _ended_pulls(self):
+        """Take every pull that has ended off ``self.pulls``: ``(slot, pull, failed)``, where
+        ``failed`` is the message to send (empty when the arrays arrived)."""
+        for slot, pull in list(self.pulls.items()):
+            failed = self._pull_failed(slot, pull)
+            if failed is not None:
+                del self.pulls[slot]
+                yield slot, pull, failed
+
     def _pull_failed(self, slot: int, pull: _Pull) -> dict | None:
         """Poll one of this process's pulls: None while arriving; else ``{"op": "failed"}``
         or ``{}`` (ready: arrived intact)."""
@@ -396,11 +405,7 @@ class DecodeInstance(_Role):
 
     def land(self) -> None:
         """Insert every pull whose leaves have all arrived; fail those past their deadline."""
-        for slot, pull in list(self.pulls.items()):
-            failed = self._pull_failed(slot, pull)
-            if failed is None:
-                continue
-            del self.pulls[slot]
+        for slot, pull, failed in self._ended_pulls():
             if failed:
                 self.channel.send(failed)
                 continue
@@ -494,11 +499,7 @@ class FollowerInstance(DecodeInstance):
                         self._stop = True
                         break
                     self.execute(msg)
-                for slot, pull in list(self.pulls.items()):
-                    failed = self._pull_failed(slot, pull)
-                    if failed is None:
-                        continue
-                    del self.pulls[slot]
+                for slot, pull, failed in self._ended_pulls():
                     if failed:
                         self.group.send_leader({**failed, "slot": slot})
                     else:

@@ -3,10 +3,13 @@
 import jax
 import pytest
 
+from apps.tiny import tiny_export
 from serve.engine import EngineConfig
 from serve.pool import DecodePool
 from sunjax import ModelConfig, init_params
+from sunjax.export import load_export
 from sunjax.generate import generate
+from sunjax.tokenizer import load_tokenizer
 
 MODELS = ("math", "code", "tool")
 WORKERS, SLOTS, MAX_LEN = 4, 2, 64
@@ -78,3 +81,20 @@ def reference(cfg, prefill_tree, decode_tree, req):
         seed=req.seed,
         decode_params=decode_tree,
     ).tokens[0]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """A tiny random export with two tasks (math, code), loaded, and a JAX compile cache
+    directory (the cluster tests)."""
+    root = str(tmp_path_factory.mktemp("export") / "exp")
+    tiny_export(root, ("math", "code"))
+    cfg, decode, prefill, manifest = load_export(root)
+    return {
+        "root": root,
+        "cfg": cfg,
+        "decode": decode,
+        "prefill": prefill,
+        "tok": load_tokenizer(manifest["tokenizer"]),
+        "cache": str(tmp_path_factory.mktemp("jax-cache")),
+    }

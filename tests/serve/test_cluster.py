@@ -31,27 +31,12 @@ from serve.cluster.instances import DecodeInstance
 from serve.scheduler import Request
 from sunjax.export import load_export
 from sunjax.generate import generate
-from sunjax.tokenizer import eos_ids, load_tokenizer
+from sunjax.tokenizer import eos_ids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SETTINGS = dict(slots=4, max_len=256, min_bucket=64, heartbeat_s=0.1, lost_after_s=1.0)
 PROMPTS = ["The quick brown fox", "Once upon a time there was", "def add(a, b):", "2 + 2 ="]
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("export") / "exp")
-    tiny_export(root, ("math", "code"))
-    cfg, decode, prefill, manifest = load_export(root)
-    return {
-        "root": root,
-        "cfg": cfg,
-        "decode": decode,
-        "prefill": prefill,
-        "tok": load_tokenizer(manifest["tokenizer"]),
-        "cache": str(tmp_path_factory.mktemp("jax-cache")),
-    }
 
 
 def reference_ids(exports, model, ids, n, *, conventional=False):

@@ -17,31 +17,13 @@ import psutil
 import pytest
 
 from apps.local_cluster import LocalCluster
-from apps.tiny import tiny_export
 from serve.cluster.config import cluster_config
-from sunjax.export import load_export
-from sunjax.tokenizer import load_tokenizer
 from tests.serve.test_cluster import mixed_requests, reference
 
 SETTINGS = dict(
     slots=4, max_len=256, min_bucket=64, heartbeat_s=0.1, lost_after_s=1.0, group_timeout_s=3.0
 )
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("export") / "exp")
-    tiny_export(root, ("math", "code"))
-    cfg, decode, prefill, manifest = load_export(root)
-    return {
-        "root": root,
-        "cfg": cfg,
-        "decode": decode,
-        "prefill": prefill,
-        "tok": load_tokenizer(manifest["tokenizer"]),
-        "cache": str(tmp_path_factory.mktemp("jax-cache")),
-    }
 
 
 @pytest.fixture(scope="module")
