@@ -346,15 +346,20 @@ class DecodeInstance(_Role):
             deadline = time.monotonic() + self.config.pull_timeout_s + self.config.group_timeout_s
             self.remote[slot] = _Pull(msg, None, start, deadline)
             return
+        self.pulls[slot] = self._pull(msg, slot)
+
+    def _pull(self, msg: dict, slot: int) -> _Pull:
+        """Start pulling ``msg``'s prefix onto the device of ``slot``'s worker (this
+        process's), with its ``pull_timeout_s`` deadline."""
+        start = time.perf_counter()
         prefix = self.puller.pull(
             msg["transfer"],
             int(msg["uuid"]),
             int(msg["bucket"]),
             msg["leaves"],
-            device=self.pool.devices[worker],
+            device=self.pool.devices[self._where(slot)[0]],
         )
-        deadline = time.monotonic() + self.config.pull_timeout_s
-        self.pulls[slot] = _Pull(msg, prefix, start, deadline)
+        return _Pull(msg, prefix, start, time.monotonic() + self.config.pull_timeout_s)
 
     def _ended_pulls(self):
         """Take every pull that has ended off ``self.pulls``: ``(slot, pull, failed)``, where
@@ -530,22 +535,11 @@ class FollowerInstance(DecodeInstance):
             self._insert(msg["slot"], pull.prefix)
         elif op == "pull":
             slot = int(msg["slot"])
-            worker = self._where(slot)[0]
-            start = time.perf_counter()
             try:
-                prefix = self.puller.pull(
-                    msg["transfer"],
-                    int(msg["uuid"]),
-                    int(msg["bucket"]),
-                    msg["leaves"],
-                    device=self.pool.devices[worker],
-                )
+                self.pulls[slot] = self._pull(msg, slot)
             except (ValueError, jax.errors.JaxRuntimeError) as e:
                 failed = {"op": "failed", "slot": slot, "id": msg["id"], "error": str(e)}
                 self.group.send_leader(failed)
-                return
-            deadline = time.monotonic() + self.config.pull_timeout_s
-            self.pulls[slot] = _Pull(msg, prefix, start, deadline)
         elif op == "drop":
             for table in (self.pulls, self.held):
                 pull = table.get(msg["slot"])

@@ -13,9 +13,8 @@ from serve.pool import DecodePool
 from serve.router import LeastLoaded
 from serve.scheduler import Request, Scheduler
 from sunjax.export import export
-from sunjax.generate import generate
 from sunjax.quant import quantize_tree
-from tests.serve.conftest import MODELS
+from tests.serve.conftest import MODELS, reference
 
 GROUP = 16  # divides d_model=32, n_heads*head_dim=32 and ffn_dim=48 of the tiny model
 N_NEW = 8
@@ -46,17 +45,7 @@ def _requests(n, seed=0):
     ]
 
 
-def _alone(cfg, prefill_tree, decode_tree, req):
-    return generate(
-        cfg,
-        prefill_tree,
-        [list(req.prompt)],
-        max_new_tokens=req.max_tokens,
-        decode_params=decode_tree,
-    ).tokens[0]
-
-
-def test_quantized_pool_mixed_tasks_match_generate_alone(tiny, qdecode, qpool):
+def test_quantized_pool_mixed_tasks_match_generatereference(tiny, qdecode, qpool):
     cfg, decode, tasks = tiny
     sched = Scheduler(qpool, tasks, LeastLoaded(4))
     reqs = _requests(12)
@@ -65,9 +54,11 @@ def test_quantized_pool_mixed_tasks_match_generate_alone(tiny, qdecode, qpool):
     sched.run_until_idle()
     assert {sched.results[r.id].worker for r in reqs} == {0, 1, 2, 3}
     for r in reqs:
-        assert sched.results[r.id].tokens == _alone(cfg, tasks[r.model], qdecode, r), r.id
+        assert sched.results[r.id].tokens == reference(cfg, tasks[r.model], qdecode, r), r.id
     # quantization is visible: the unquantized decode tree gives other tokens somewhere
-    assert any(sched.results[r.id].tokens != _alone(cfg, tasks[r.model], decode, r) for r in reqs)
+    assert any(
+        sched.results[r.id].tokens != reference(cfg, tasks[r.model], decode, r) for r in reqs
+    )
 
 
 def test_loop_serves_a_quantized_export(tmp_path, tiny, qdecode):
@@ -99,7 +90,7 @@ def test_loop_serves_a_quantized_export(tmp_path, tiny, qdecode):
         row["id"]: row for row in map(json.loads, (out / "outputs.jsonl").read_text().splitlines())
     }
     for r in reqs:
-        assert rows[r.id]["token_ids"] == _alone(cfg, tasks[r.model], qdecode, r), r.id
+        assert rows[r.id]["token_ids"] == reference(cfg, tasks[r.model], qdecode, r), r.id
 
 
 def test_bench_qsun_smoke(tmp_path):
