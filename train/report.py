@@ -415,10 +415,12 @@ def summarize(reports: list[dict]) -> dict:
     per cell the mean over seeds with a Student-t interval over the seeds and a bootstrap
     interval over the test examples (``stats.over_seeds``); per difference in ``DIFFS`` the
     mean over seeds with the same two intervals (the example bootstrap is paired: the per-example
-    mean over seeds of one column minus the other's); the mean learning curve."""
+    mean over seeds of one column minus the other's); the mean learning curve over the steps
+    that every seed evaluated (seeds may differ in ``eval_at``, so a seed without the
+    intermediate evaluations still counts at the last step)."""
     if not reports:
         raise ValueError("summarize needs at least one report")
-    keys = ("columns", "n_test", "seed", "steps", "difficulty", "eval_at")
+    keys = ("columns", "n_test", "seed", "steps", "difficulty")
     first = reports[0]
     for r in reports[1:]:
         bad = {k: (first.get(k), r.get(k)) for k in keys if r.get(k) != first.get(k)}
@@ -441,10 +443,11 @@ def summarize(reports: list[dict]) -> dict:
                     "diff": float(d.mean()), "per_seed": d.tolist(), "seed_low": low,
                     "seed_high": high, "low": paired["low"], "high": paired["high"],
                 }  # fmt: skip
+        curves = [r["accuracy_curve"][task] for r in reports]
         out["curve"][task] = {
             c: {
-                s: float(np.mean([r["accuracy_curve"][task][c][s] for r in reports]))
-                for s in first["accuracy_curve"][task][c]
+                s: float(np.mean([cv[c][s] for cv in curves]))
+                for s in sorted(set.intersection(*(set(cv[c]) for cv in curves)), key=int)
             }
             for c in cols
         }

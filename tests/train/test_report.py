@@ -161,6 +161,14 @@ def test_summarize_over_seeds():
     assert (d["seed_low"], d["seed_high"]) == pytest.approx(stats.seed_interval([0.25, -0.5, 0.25]))
     assert got["curve"]["arith"]["sun"] == {"2": 0.5, "4": 0.5}
     assert "sun - full" in summary_markdown(got)
+    # a seed evaluated only at the last step still counts there; the curve keeps common steps
+    last_only = _fake_report(3, sun=[0, 0, 0, 0], full=[1, 0, 0, 0])
+    last_only["eval_at"] = [4]
+    for col in ("full", "sun"):
+        del last_only["accuracy_curve"]["arith"][col]["2"]
+    got = summarize(reports + [last_only])
+    assert got["curve"]["arith"]["sun"] == {"4": pytest.approx(0.375)}
+    assert got["cells"]["arith"]["sun"]["accuracy"] == pytest.approx(0.375)
     other = _fake_report(3, sun=[1, 0, 0, 0], full=[1, 0, 0, 0])
     other["difficulty"] = "tiny"
     with pytest.raises(ValueError, match="difficulty"):
