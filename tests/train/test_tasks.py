@@ -59,11 +59,10 @@ def test_generate_rejects_bad_arguments(kwargs, offending):
         TASKS["arith"].generate(**kwargs)
 
 
-def test_difficulties_are_per_task():
-    assert set(TASKS["arith"].difficulties) == set(TASKS["tool"].difficulties) == set(DIFFICULTIES)
-    assert "medium" not in TASKS["code"].difficulties
-    with pytest.raises(ValueError, match="'medium' for task 'code'"):
-        TASKS["code"].generate(1, split="test", difficulty="medium")
+def test_every_task_has_every_difficulty():
+    assert all(set(task.difficulties) == set(DIFFICULTIES) for task in TASKS.values())
+    with pytest.raises(ValueError, match="'huge' for task 'code'"):
+        TASKS["code"].generate(1, split="test", difficulty="huge")
 
 
 def test_tiny_and_small_examples_are_unchanged_by_medium():
@@ -99,6 +98,11 @@ def test_medium_is_harder_than_small():
         if any(isinstance(v[0], dict | list) for v in e.meta["answer"]["arguments"].values())
     ]  # fmt: skip
     assert 60 < len(nested) < 140
+    code_small = TASKS["code"].generate(200, split="test", difficulty="small")
+    code_medium = TASKS["code"].generate(200, split="test", difficulty="medium")
+    assert min(steps(e) for e in code_medium) >= 3  # a statement before the return, or a loop
+    assert sum(map(steps, code_medium)) > 2 * sum(map(steps, code_small))
+    assert sum("for " in e.target or "while " in e.target for e in code_medium) > 140
 
 
 def test_check_rejects_example_of_another_task():

@@ -6,6 +6,9 @@ boundary cases of the constants (so an off-by-one constant fails).
 
     tiny:  one-line bodies with one constant (x + k, xs[:k], s * k, x > k, ...).
     small: two constants or a branch (clamp, parity, filters, counts, fizz-style, ...).
+    medium: bodies of three to nine lines: a loop with an accumulator or an early return, state
+            carried across items (runs, running totals, rotation), digit and string walks, a
+            loop over a range with two conditions, dict building.
 
 Examples from `load_humaneval` use the same checker: `meta["prefix"]` (the HumanEval prompt) is
 put before the completion's code and `meta["tests"]` after it.
@@ -292,7 +295,187 @@ _SMALL = (
     ),
 )
 
-_TEMPLATES = {"tiny": _TINY, "small": _SMALL}
+
+def _run_lists(rng: random.Random, k: int) -> list[list[int]]:
+    """Lists of small digits with runs of `k` of different lengths, plus an empty list."""
+    lists = [[rng.choice((k, k, rng.randint(0, 9))) for _ in range(rng.randint(4, 10))]
+             for _ in range(3)]  # fmt: skip
+    return [*lists, [k, k, 1, k], [k] * 3 + [k + 1] + [k] * 2, [], [k + 1] * 3]
+
+
+def _sentence(rng: random.Random) -> str:
+    return " ".join(_words(rng, lo=1, hi=9)[: rng.randint(3, 5)])
+
+
+def _a_b(lo: int, hi: int) -> Callable[[random.Random], Consts]:
+    """Two different constants in [lo, hi]."""
+    return lambda rng: dict(zip("ab", rng.sample(range(lo, hi + 1), 2), strict=True))
+
+
+_MEDIUM = (
+    _Template(
+        kind="list",
+        names=("longest_run_{k}", "max_streak_{k}"),
+        phrasings=("the length of the longest run of consecutive items equal to {k} in {p}",),
+        body=(
+            "best = run = 0\n    for v in {p}:\n        run = run + 1 if v == {k} else 0\n"
+            "        best = max(best, run)\n    return best"
+        ),
+        consts=_k(0, 8),
+        inputs=lambda rng, c: _run_lists(rng, c["k"]),
+    ),
+    _Template(
+        kind="int",
+        names=("digit_sum_times_{k}", "digits_by_{k}"),
+        phrasings=("the sum of the decimal digits of the non-negative integer {p}, times {k}",),
+        body=(
+            "total = 0\n    while {p} > 0:\n        total += {p} % 10\n        {p} //= 10\n"
+            "    return total * {k}"
+        ),
+        consts=_k(2, 9),
+        inputs=lambda rng, c: [0, 7, 10, 99, rng.randint(100, 999), rng.randint(1000, 99999)],
+    ),
+    _Template(
+        kind="list",
+        names=("second_largest_or_{k}", "runner_up_{k}"),
+        phrasings=(
+            "the second largest distinct value in {p}, or {k} if {p} has fewer than two "
+            "distinct values",
+        ),
+        body=(
+            "values = sorted(set({p}))\n    if len(values) < 2:\n        return {k}\n"
+            "    return values[-2]"
+        ),
+        consts=_k(-9, -1),
+        inputs=lambda rng, c: [*_int_lists(rng, 2), [], [3], [5, 5, 5], [4, 9, 9]],
+    ),
+    _Template(
+        kind="list",
+        names=("running_totals_plus_{k}", "prefix_sums_{k}"),
+        phrasings=(
+            "a list of the running totals of {p} (item i is the sum of the first i + 1 items), "
+            "each plus {k}",
+        ),
+        body=(
+            "out, total = [], 0\n    for v in {p}:\n        total += v\n"
+            "        out.append(total + {k})\n    return out"
+        ),
+        consts=_k(1, 20),
+        inputs=lambda rng, c: [*_int_lists(rng, 1), []],
+    ),
+    _Template(
+        kind="list",
+        names=("first_index_above_{k}", "find_above_{k}"),
+        phrasings=(
+            "the index of the first item of {p} that is greater than {k}, or -1 if there is none",
+        ),
+        body=(
+            "for i, v in enumerate({p}):\n        if v > {k}:\n            return i\n    return -1"
+        ),
+        consts=_k(0, 30),
+        inputs=lambda rng, c: [*_int_lists(rng, 2, c["k"], c["k"] + 1), [], [c["k"]] * 3],
+    ),
+    _Template(
+        kind="str",
+        names=("upper_every_{k}", "caps_step_{k}"),
+        phrasings=("the string {p} with every {k}-th character (counting from 1) in upper case",),
+        body=(
+            "chars = list({p})\n    for i in range({k} - 1, len(chars), {k}):\n"
+            "        chars[i] = chars[i].upper()\n    return ''.join(chars)"
+        ),
+        consts=_k(2, 5),
+        inputs=lambda rng, c: [*_words(rng, lo=1, hi=12), ""],
+    ),
+    _Template(
+        kind="str",
+        names=("long_word_lengths_{k}", "word_sizes_over_{k}"),
+        phrasings=(
+            "a dict mapping each word of {p} (split on spaces) that is longer than {k} "
+            "characters to its length",
+        ),
+        body=(
+            "lengths = {{}}\n    for w in {p}.split():\n        if len(w) > {k}:\n"
+            "            lengths[w] = len(w)\n    return lengths"
+        ),
+        consts=_k(2, 5),
+        inputs=lambda rng, c: [
+            *(_sentence(rng) for _ in range(3)),
+            f"{'a' * c['k']} {'b' * (c['k'] + 1)} {'c' * (c['k'] + 2)}",
+            "",
+        ],
+    ),
+    _Template(
+        kind="int",
+        names=("fizz_list_{a}_{b}", "tags_upto_{a}_{b}"),
+        phrasings=(
+            "a list for i from 1 to {p}: 'fizz' if i is divisible by {a}, else 'buzz' if i is "
+            "divisible by {b}, else i",
+        ),
+        body=(
+            "out = []\n    for i in range(1, {p} + 1):\n        if i % {a} == 0:\n"
+            "            out.append('fizz')\n        elif i % {b} == 0:\n"
+            "            out.append('buzz')\n        else:\n            out.append(i)\n"
+            "    return out"
+        ),
+        consts=_a_b(2, 7),
+        inputs=lambda rng, c: [0, 1, c["a"] * c["b"], rng.randint(5, 20)],
+    ),
+    _Template(
+        kind="list",
+        names=("square_sum_{a}_{b}", "squares_between_{a}_{b}"),
+        phrasings=(
+            "the sum of the squares of the items of {p} that lie between {a} and {b} inclusive",
+        ),
+        body=(
+            "total = 0\n    for v in {p}:\n        if {a} <= v <= {b}:\n"
+            "            total += v * v\n    return total"
+        ),
+        consts=lambda rng: (lambda a: {"a": a, "b": a + rng.randint(3, 20)})(
+            rng.randint(-10, 10)
+        ),
+        inputs=lambda rng, c: _int_lists(rng, 3, c["a"], c["b"], c["a"] - 1, c["b"] + 1),
+    ),
+    _Template(
+        kind="str",
+        names=("squeeze_{c}", "collapse_{c}"),
+        phrasings=("the string {p} with every run of the letter '{c}' shortened to one '{c}'",),
+        body=(
+            "out = ''\n    for ch in {p}:\n        if not (ch == '{c}' and out.endswith('{c}')):\n"
+            "            out += ch\n    return out"
+        ),
+        consts=_two_letters,
+        inputs=lambda rng, c: [*_words(rng, must_have=c["c"] * 3), c["c"] * 4 + c["d"], ""],
+    ),
+    _Template(
+        kind="list",
+        names=("rotate_left_{k}", "shift_left_{k}"),
+        phrasings=(
+            "the list {p} rotated left by {k} positions, wrapping around (an empty list stays "
+            "empty)",
+        ),
+        body=(
+            "if not {p}:\n        return []\n    r = {k} % len({p})\n"
+            "    return {p}[r:] + {p}[:r]"
+        ),
+        consts=_k(1, 7),
+        inputs=lambda rng, c: [*_int_lists(rng, 1), [], [1]],
+    ),
+    _Template(
+        kind="int",
+        names=("count_multiples_{a}_{b}", "either_divides_{a}_{b}"),
+        phrasings=(
+            "how many integers from 1 to {p} inclusive are divisible by {a} or by {b}",
+        ),
+        body=(
+            "count = 0\n    for i in range(1, {p} + 1):\n        if i % {a} == 0 or i % {b} == 0:\n"
+            "            count += 1\n    return count"
+        ),
+        consts=_a_b(2, 9),
+        inputs=lambda rng, c: [0, 1, c["a"], c["b"], c["a"] * c["b"], rng.randint(10, 100)],
+    ),
+)
+
+_TEMPLATES = {"tiny": _TINY, "small": _SMALL, "medium": _MEDIUM}
 
 
 def _name_part(value: int | str) -> str:
