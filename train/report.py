@@ -32,6 +32,7 @@ import time
 from collections.abc import Mapping
 from functools import partial
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -89,6 +90,22 @@ def pairing(column: str, module, base_params, quantized_decode) -> SunParams:
     decode = {"base": base_params, "full": module, "naive": base_params, "sun": base_params,
               "sun+q": quantized_decode, "qsun": quantized_decode}[column]  # fmt: skip
     return SunParams(base_params if column == "base" else module, decode)
+
+
+def param_change(base, trained) -> dict[str, float]:
+    """Relative change ``|trained - base| / |base|`` (Frobenius norms over the group) of each
+    parameter group: a layer's ``attn`` and ``mlp`` (and norms), the embedding, the head:
+    which parts of the model fine-tuning moved, and how far."""
+    sums: dict[str, list[float]] = {}
+    flat_base = dict(jax.tree_util.tree_flatten_with_path(base)[0])
+    for path, new in jax.tree_util.tree_flatten_with_path(trained)[0]:
+        keys = [getattr(k, "key", str(k)) for k in path]
+        group = ".".join(keys[:2]) if keys[0].startswith("layers_") else keys[0]
+        old = np.asarray(flat_base[path], np.float64)
+        acc = sums.setdefault(group, [0.0, 0.0])
+        acc[0] += float(np.sum((np.asarray(new, np.float64) - old) ** 2))
+        acc[1] += float(np.sum(old**2))
+    return {g: float(np.sqrt(d / max(b, 1e-30))) for g, (d, b) in sums.items()}
 
 
 def _save_progress(out: str, results: dict) -> None:
@@ -162,6 +179,7 @@ def run_report(
     need = _needs(columns)
     results: dict[str, dict] = {}  # task -> column -> step -> evaluate() + token_metrics()
     histories: dict[str, dict] = {}
+    changes: dict[str, dict] = {}  # task -> trained module -> param_change()
     seconds: dict[str, float] = {}  # per task: training and evaluation
     eval_seconds: dict[str, float] = {}  # per task: evaluation alone
     trained = {}
@@ -218,7 +236,9 @@ def run_report(
             histories.setdefault(name, {})[module] = [
                 {"step": h["step"], **{k: h[k] for k in keep}} for h in history
             ]
-            return unroll(params)
+            params = unroll(params)
+            changes.setdefault(name, {})[module] = param_change(base_params, params)
+            return params
 
         if "base" in columns:
             score("base", 0, base_params, base_params)
@@ -265,6 +285,7 @@ def run_report(
             for t in results
         },
         "history": histories,
+        "param_change": changes,
         "seconds": seconds,
         "eval_seconds": eval_seconds,
     }
@@ -407,7 +428,28 @@ def markdown(report: dict) -> str:
                     f"| {task} | {c} | {_pct(m['first_token'])} | {_pct(m['first_acc'])} | "
                     f"{_pct(m['rest_acc'])} | {m['first_nll']:.3f} | {m['rest_nll']:.3f} |"
                 )
+    for task, by_module in report.get("param_change", {}).items():
+        lines += _change_table(task, by_module)
     return "\n".join(lines) + "\n"
+
+
+def _change_table(task: str, by_module: dict[str, dict[str, float]]) -> list[str]:
+    """Markdown rows: per layer, how far each trained module moved its attention and MLP."""
+    mods = list(by_module)
+    layers = sorted({g.split(".")[0] for ch in by_module.values() for g in ch
+                     if g.startswith("layers_")}, key=lambda g: int(g.split("_")[1]))  # fmt: skip
+    head = " | ".join(f"{m} {part}" for m in mods for part in ("attn", "mlp"))
+    lines = ["", f"Relative weight change |Δ|/|W| (%) of the trained modules, {task}", ""]
+    lines += [f"| layer | {head} |", "|---" * (2 * len(mods) + 1) + "|"]
+    for layer in layers:
+        cells = [_pct(by_module[m].get(f"{layer}.{part}", 0.0)) for m in mods
+                 for part in ("attn", "mlp")]  # fmt: skip
+        lines.append(f"| {layer.split('_')[1]} | {' | '.join(cells)} |")
+    other = sorted({g for ch in by_module.values() for g in ch if not g.startswith("layers_")})
+    for g in other:
+        cells = [text for m in mods for text in (_pct(by_module[m].get(g, 0.0)), "")]
+        lines.append(f"| {g} | {' | '.join(cells)} |")
+    return lines
 
 
 def summarize(reports: list[dict]) -> dict:

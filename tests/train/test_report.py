@@ -6,6 +6,7 @@ import os
 
 import chex
 import jax
+import numpy as np
 import pytest
 
 from train.data import encode
@@ -131,6 +132,16 @@ def test_learning_curve_from_one_run(tmp_path):
     assert progress["arith"]["sun"]["2"]["accuracy"] == curve["sun"]["2"]
     md = open(tmp_path / "r" / "report.md").read()
     assert "sun − full" in md and "Learning curve" in md
+    # how far each module moved, per group, from the base weights it started at
+    change = saved["param_change"]["arith"]
+    assert set(change) == {"full", "sun"}
+    layers = [f"layers_{i}" for i in range(cfg.n_layers)]
+    assert {f"{layer}.{part}" for layer in layers for part in ("attn", "mlp")} <= set(change["sun"])
+    new, old = sun["layers_0"]["mlp"], params["layers_0"]["mlp"]
+    diff = sum(np.sum((np.asarray(new[k]["kernel"]) - old[k]["kernel"]) ** 2) for k in old)
+    norm = sum(np.sum(np.asarray(old[k]["kernel"]) ** 2) for k in old)
+    assert change["sun"]["layers_0.mlp"] == pytest.approx(np.sqrt(diff / norm), rel=1e-5)
+    assert all(v > 0 for v in change["full"].values()) and "Relative weight change" in md
 
 
 def _fake_report(train_seed, sun, full):

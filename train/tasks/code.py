@@ -312,6 +312,11 @@ def _a_b(lo: int, hi: int) -> Callable[[random.Random], Consts]:
     return lambda rng: dict(zip("ab", rng.sample(range(lo, hi + 1), 2), strict=True))
 
 
+def _range_ends(rng: random.Random) -> Consts:
+    a = rng.randint(-10, 10)
+    return {"a": a, "b": a + rng.randint(3, 20)}
+
+
 _MEDIUM = (
     _Template(
         kind="list",
@@ -430,9 +435,7 @@ _MEDIUM = (
             "total = 0\n    for v in {p}:\n        if {a} <= v <= {b}:\n"
             "            total += v * v\n    return total"
         ),
-        consts=lambda rng: (lambda a: {"a": a, "b": a + rng.randint(3, 20)})(
-            rng.randint(-10, 10)
-        ),
+        consts=_range_ends,
         inputs=lambda rng, c: _int_lists(rng, 3, c["a"], c["b"], c["a"] - 1, c["b"] + 1),
     ),
     _Template(
@@ -454,8 +457,7 @@ _MEDIUM = (
             "empty)",
         ),
         body=(
-            "if not {p}:\n        return []\n    r = {k} % len({p})\n"
-            "    return {p}[r:] + {p}[:r]"
+            "if not {p}:\n        return []\n    r = {k} % len({p})\n    return {p}[r:] + {p}[:r]"
         ),
         consts=_k(1, 7),
         inputs=lambda rng, c: [*_int_lists(rng, 1), [], [1]],
@@ -463,9 +465,7 @@ _MEDIUM = (
     _Template(
         kind="int",
         names=("count_multiples_{a}_{b}", "either_divides_{a}_{b}"),
-        phrasings=(
-            "how many integers from 1 to {p} inclusive are divisible by {a} or by {b}",
-        ),
+        phrasings=("how many integers from 1 to {p} inclusive are divisible by {a} or by {b}",),
         body=(
             "count = 0\n    for i in range(1, {p} + 1):\n        if i % {a} == 0 or i % {b} == 0:\n"
             "            count += 1\n    return count"
