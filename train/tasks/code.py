@@ -78,6 +78,11 @@ def _k(lo: int, hi: int) -> Callable[[random.Random], Consts]:
     return lambda rng: {"k": rng.randint(lo, hi)}
 
 
+def _a_b(lo: int, hi: int) -> Callable[[random.Random], Consts]:
+    """Two different constants in [lo, hi]."""
+    return lambda rng: dict(zip("ab", rng.sample(range(lo, hi + 1), 2), strict=True))
+
+
 def _two_letters(rng: random.Random) -> Consts:
     c, d = rng.sample(_LETTERS, 2)
     return {"c": c, "d": d}
@@ -213,7 +218,7 @@ _SMALL = (
             "if {p} % {a} == 0:\n        return 'fizz'\n"
             "    if {p} % {b} == 0:\n        return 'buzz'\n    return {p}"
         ),
-        consts=lambda rng: dict(zip("ab", rng.sample(range(2, 10), 2), strict=True)),
+        consts=_a_b(2, 9),
         inputs=lambda rng, c: [1, c["a"], c["b"], c["a"] * c["b"], c["a"] + 1, c["b"] + 1],
     ),
     _Template(
@@ -305,11 +310,6 @@ def _run_lists(rng: random.Random, k: int) -> list[list[int]]:
 
 def _sentence(rng: random.Random) -> str:
     return " ".join(_words(rng, lo=1, hi=9)[: rng.randint(3, 5)])
-
-
-def _a_b(lo: int, hi: int) -> Callable[[random.Random], Consts]:
-    """Two different constants in [lo, hi]."""
-    return lambda rng: dict(zip("ab", rng.sample(range(lo, hi + 1), 2), strict=True))
 
 
 def _range_ends(rng: random.Random) -> Consts:
