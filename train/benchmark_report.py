@@ -85,6 +85,7 @@ def benchmark_report(
             "correct": {c: r["correct"] for c, r in rows.items()},
             "ids": [ex.meta.get("id") for ex in examples],
             "samples": {c: r["samples"] for c, r in rows.items()},
+            "completions": {c: r["completions"] for c, r in rows.items()},
         }
     result["model"] = report["model"]
     result["trained_on"] = {

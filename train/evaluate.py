@@ -33,7 +33,8 @@ def evaluate(
 ) -> dict:
     """Exact-match / pass@1 accuracy (greedy) of the pairing on ``examples``.
 
-    Returns ``accuracy``, ``n``, ``correct`` (one bool per example, in order), ``first_token``
+    Returns ``accuracy``, ``n``, ``correct`` (one bool per example, in order), ``completions``
+    (the decoded text of each, in order), ``first_token``
     (the fraction whose first generated token is the first token of the target, the token the
     prefill module picks) and three ``samples``."""
     prompts = [chat_prompt(tokenizer, ex.messages) for ex in examples]
@@ -59,6 +60,7 @@ def evaluate(
         "accuracy": float(correct.mean()),
         "n": len(examples),
         "correct": [bool(c) for c in correct],
+        "completions": completions,
         "first_token": float(np.mean(first_ok)),
         "samples": [
             {"prompt": ex.user_text, "completion": c, "correct": bool(ok)}

@@ -45,6 +45,7 @@ from train.data import encode
 from train.evaluate import evaluate, token_metrics
 from train.pretrain import tiny_base
 from train.tasks import TASKS, get_task
+from train.tasks.arith import ERROR_KINDS, error_kind
 from train.trainer import TrainConfig, train
 
 COLUMNS = ("base", "full", "naive", "sun")
@@ -208,6 +209,9 @@ def run_report(
         def score(col, step, prefill, decode, test=test, enc=enc, res=res, name=name) -> float:
             start = time.perf_counter()
             r = evaluate(cfg, prefill, decode, tok, test, max_new_tokens=enc.response_len)
+            if name == "arith":
+                kinds = [error_kind(ex, c) for ex, c in zip(test, r["completions"], strict=True)]
+                r["errors"] = {k: kinds.count(k) for k in ERROR_KINDS}
             if token_stats:
                 r.update(token_metrics(cfg, prefill, decode, tok, test))
             res[col][step] = r
@@ -269,6 +273,8 @@ def run_report(
         "accuracy": {t: {c: last(t, c)["accuracy"] for c in columns} for t in results},
         "correct": {t: {c: last(t, c)["correct"] for c in columns} for t in results},
         "samples": {t: {c: last(t, c)["samples"] for c in columns} for t in results},
+        "completions": {t: {c: last(t, c)["completions"] for c in columns} for t in results},
+        "errors": {t: {c: last(t, c)["errors"] for c in columns} for t in results if t == "arith"},
         "accuracy_curve": {
             t: {c: {s: r["accuracy"] for s, r in cs.items()} for c, cs in results[t].items()}
             for t in results
@@ -428,6 +434,13 @@ def markdown(report: dict) -> str:
                     f"| {task} | {c} | {_pct(m['first_token'])} | {_pct(m['first_acc'])} | "
                     f"{_pct(m['rest_acc'])} | {m['first_nll']:.3f} | {m['rest_nll']:.3f} |"
                 )
+    for task, by_col in report.get("errors", {}).items():
+        lines += ["", f"Where each {task} completion first leaves the reference working (last "
+                  "step): result = right operands, wrong result; operands = another left side; "
+                  "steps = a step missing or extra", ""]  # fmt: skip
+        lines += ["| column | " + " | ".join(ERROR_KINDS) + " |", "|---" * 5 + "|"]
+        for c, counts in by_col.items():
+            lines.append(f"| {c} | " + " | ".join(str(counts[k]) for k in ERROR_KINDS) + " |")
     for task, by_module in report.get("param_change", {}).items():
         lines += _change_table(task, by_module)
     return "\n".join(lines) + "\n"

@@ -41,5 +41,6 @@ def test_benchmark_report_evaluates_every_column(tmp_path):
     want = evaluate(cfg, *pairing("sun", sun, params, None), tok, held_out[:2],
                     max_new_tokens=bench["max_new_tokens"])  # fmt: skip
     assert bench["correct"]["sun"] == want["correct"]
+    assert bench["completions"]["sun"] == want["completions"]
     assert got["benchmarks"]["tool"]["accuracy"]["sun"] == want["accuracy"]
     assert "sun − full" in open(tmp_path / "b" / "benchmarks.md").read()

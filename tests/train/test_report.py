@@ -142,6 +142,15 @@ def test_learning_curve_from_one_run(tmp_path):
     norm = sum(np.sum(np.asarray(old[k]["kernel"]) ** 2) for k in old)
     assert change["sun"]["layers_0.mlp"] == pytest.approx(np.sqrt(diff / norm), rel=1e-5)
     assert all(v > 0 for v in change["full"].values()) and "Relative weight change" in md
+    # every completion is kept, and arith's are sorted by where they leave the reference
+    for col in ("full", "sun"):
+        completions = saved["completions"]["arith"][col]
+        assert len(completions) == 4
+        assert completions[0] == saved["samples"]["arith"][col][0]["completion"]
+        errors = saved["errors"]["arith"][col]
+        assert sum(errors.values()) == 4
+        assert errors["correct"] == sum(saved["correct"]["arith"][col])
+    assert "first leaves the reference" in md
 
 
 def _fake_report(train_seed, sun, full):

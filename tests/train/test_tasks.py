@@ -186,6 +186,23 @@ def test_arith_wrong_numbers_fail(difficulty):
         assert not check(example, "I do not know.")
 
 
+def test_arith_error_kind_names_where_a_completion_leaves_the_working():
+    from train.tasks.arith import error_kind
+
+    example = TASKS["arith"].generate(1, split="test", difficulty="small")[0]
+    lines = example.target.splitlines()
+    assert len(lines) >= 4 and lines[-1].startswith("####")
+    left = lines[1].split("=")[0]
+    wrong = int(lines[-1].split()[-1]) + 1
+    assert error_kind(example, f"Sure.\n{example.target}") == "correct"
+    slip = [lines[0], f"{left}= 99999", *lines[2:-1], f"#### {wrong}"]
+    assert error_kind(example, "\n".join(slip)) == "result"
+    copied = [lines[0], "1 + 1 = 2", *lines[2:-1], f"#### {wrong}"]
+    assert error_kind(example, "\n".join(copied)) == "operands"
+    assert error_kind(example, f"{lines[0]}\n#### {wrong}") == "steps"
+    assert error_kind(example, "I do not know.") == "steps"
+
+
 def test_extract_number_reads_last_number():
     assert extract_number("3 + 4 = 7\n#### 1,234") == 1234
     assert extract_number("it is -5 degrees") == -5

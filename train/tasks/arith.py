@@ -118,4 +118,26 @@ def check(example: Example, completion: str) -> bool:
     return value is not None and abs(value - example.meta["answer"]) < 1e-6
 
 
+ERROR_KINDS = ("correct", "result", "operands", "steps")
+
+
+def error_kind(example: Example, completion: str) -> str:
+    """Where a completion first leaves the reference working, one of ``ERROR_KINDS``:
+    ``correct`` (the checker accepts it); ``result``: the first line that differs has the
+    reference's left side but another result (an arithmetic slip); ``operands``: it has another
+    left side (a number copied wrong, or another operation); ``steps``: every line it shares with
+    the reference is right, but it stops early, goes on, or answers before the last step."""
+    if check(example, completion):
+        return "correct"
+    lines = zip(example.target.splitlines(), completion.strip().splitlines(), strict=False)
+    for want, got in lines:
+        if want.strip() == got.strip():
+            continue
+        if want.startswith("####") or got.startswith("####") or "=" not in got:
+            return "steps"
+        same_left = want.split("=")[0].strip() == got.split("=")[0].strip()
+        return "result" if same_left else "operands"
+    return "steps"
+
+
 TASK = Task(name=NAME, sampler=sample, checker=check)
