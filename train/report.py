@@ -44,7 +44,7 @@ from train.base import load_base, quantize_base
 from train.data import encode
 from train.evaluate import evaluate, token_metrics
 from train.pretrain import tiny_base
-from train.tasks import TASKS, get_task
+from train.tasks import TASKS, Example, get_task
 from train.tasks.arith import ERROR_KINDS, error_kind
 from train.trainer import TrainConfig, train
 
@@ -91,6 +91,23 @@ def pairing(column: str, module, base_params, quantized_decode) -> SunParams:
     decode = {"base": base_params, "full": module, "naive": base_params, "sun": base_params,
               "sun+q": quantized_decode, "qsun": quantized_decode}[column]  # fmt: skip
     return SunParams(base_params if column == "base" else module, decode)
+
+
+SCRATCH = " _"  # one token in the SmolLM2 and Llama-3 vocabularies
+
+
+def with_scratch(examples: list[Example], k: int) -> list[Example]:
+    """``examples`` with ``k`` filler tokens (``SCRATCH``) after the last message's text."""
+    if k < 0:
+        raise ValueError(f"scratch_tokens must be >= 0, got {k}")
+    if k == 0:
+        return examples
+    out = []
+    for ex in examples:
+        *head, last = ex.messages
+        last = {**last, "content": last["content"] + "\n" + SCRATCH * k}
+        out.append(dataclasses.replace(ex, messages=(*head, last)))
+    return out
 
 
 def param_change(base, trained) -> dict[str, float]:
@@ -142,6 +159,7 @@ def run_report(
     scan_train: bool = False,
     token_stats: bool = True,
     eval_at: tuple[int, ...] = (),
+    scratch_tokens: int = 0,
     progress: bool = True,
 ) -> dict:
     """Train what the columns need on each task and evaluate every column on the same test set.
@@ -153,6 +171,9 @@ def run_report(
     column of a task is trained at its task's rate). ``scan_train`` trains in the scanned
     layer layout (faster to compile; the trees come back unrolled). ``token_stats=False``
     skips the teacher-forced token metrics (a pass per evaluation; the demo's time budget).
+    ``scratch_tokens`` appends that many filler tokens to every prompt, train and test
+    (``with_scratch``): prompt positions whose KV the prefill module can learn to fill, i.e. more
+    prefill-side capacity for the frozen decode module to read.
 
     Every trained column is evaluated after each step in ``eval_at`` and after the last step,
     during the one training run (a learning curve, not a run per step count):
@@ -189,11 +210,16 @@ def run_report(
             continue
         enc = encode(
             tok,
-            task.generate(n_train, split="train", seed=seed, difficulty=difficulty),
+            with_scratch(
+                task.generate(n_train, split="train", seed=seed, difficulty=difficulty),
+                scratch_tokens,
+            ),
             prompt_len=None,
             response_len=None,
         )
-        test = task.generate(n_test, split="test", seed=seed, difficulty=difficulty)
+        test = with_scratch(
+            task.generate(n_test, split="test", seed=seed, difficulty=difficulty), scratch_tokens
+        )
         tc = TrainConfig(
             mode="sun",
             steps=steps,
@@ -270,6 +296,7 @@ def run_report(
         "decode_quant": quant if quantized else None,
         "columns": list(columns),
         "eval_at": list(curve_steps),
+        "scratch_tokens": scratch_tokens,
         "accuracy": {t: {c: last(t, c)["accuracy"] for c in columns} for t in results},
         "correct": {t: {c: last(t, c)["correct"] for c in columns} for t in results},
         "samples": {t: {c: last(t, c)["samples"] for c in columns} for t in results},
@@ -598,6 +625,12 @@ def main(argv: list[str] | None = None) -> int:
         "--eval-at", type=int, nargs="+", default=(), help="also evaluate after these steps"
     )
     p.add_argument(
+        "--scratch-tokens",
+        type=int,
+        default=0,
+        help="append this many filler tokens to every prompt (more KV for the prefill module)",
+    )
+    p.add_argument(
         "--benchmarks",
         action="store_true",
         help="also evaluate the tool modules on BFCL simple-python, the code ones on HumanEval",
@@ -617,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
                 reports.append(json.load(f))
         _write_summary(args.out, reports)
         return 0
+    if args.scratch_tokens and args.benchmarks:
+        p.error("--scratch-tokens: the benchmark prompts carry no scratch tokens; drop one")
     base = None if args.model == "tiny" else load_base(args.model)[:3]
     if args.sweep is not None:
         if not args.tasks or len(args.tasks) != 1:
@@ -648,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
             difficulty=args.difficulty,
             tasks=tuple(args.tasks) if args.tasks else None,
             eval_at=tuple(args.eval_at),
+            scratch_tokens=args.scratch_tokens,
         )
         base = report["_base"]
         print(markdown(report))

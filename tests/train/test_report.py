@@ -153,6 +153,20 @@ def test_learning_curve_from_one_run(tmp_path):
     assert "first leaves the reference" in md
 
 
+def test_with_scratch_appends_filler_tokens_to_the_last_message():
+    from train.report import SCRATCH, with_scratch
+
+    examples = get_task("arith").generate(3, split="test", seed=0)
+    assert with_scratch(examples, 0) is examples
+    got = with_scratch(examples, 4)
+    for ex, new in zip(examples, got, strict=True):
+        assert new.messages[-1]["content"] == ex.messages[-1]["content"] + "\n" + SCRATCH * 4
+        assert (new.target, new.meta) == (ex.target, ex.meta)
+    assert examples[0].messages[-1]["content"].count(SCRATCH) == 0  # the input is unchanged
+    with pytest.raises(ValueError, match="-1"):
+        with_scratch(examples, -1)
+
+
 def _fake_report(train_seed, sun, full):
     return {
         "columns": ["full", "sun"], "n_test": len(sun), "seed": 0, "steps": 4,
