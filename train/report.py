@@ -45,7 +45,7 @@ from train.data import encode
 from train.evaluate import evaluate, token_metrics
 from train.pretrain import tiny_base
 from train.tasks import TASKS, Example, get_task
-from train.tasks.arith import ERROR_KINDS, error_kind
+from train.tasks.arith import ERROR_KINDS, equation_accuracy, error_kind
 from train.trainer import TrainConfig, train
 
 COLUMNS = ("base", "full", "naive", "sun")
@@ -468,6 +468,14 @@ def markdown(report: dict) -> str:
         lines += ["| column | " + " | ".join(ERROR_KINDS) + " |", "|---" * 5 + "|"]
         for c, counts in by_col.items():
             lines.append(f"| {c} | " + " | ".join(str(counts[k]) for k in ERROR_KINDS) + " |")
+        eqs = {c: equation_accuracy(done) for c, done in report["completions"][task].items()}
+        kinds = sorted({k for e in eqs.values() for k in e})
+        lines += ["", "Equations the model wrote that are right (right / written), by operation "
+                  "and size (large: an operand or the true result >= 100)", ""]  # fmt: skip
+        lines += ["| column | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+        for c, e in eqs.items():
+            cells = [f"{e[k][0]}/{e[k][1]}" if k in e else "" for k in kinds]
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
     for task, by_module in report.get("param_change", {}).items():
         lines += _change_table(task, by_module)
     return "\n".join(lines) + "\n"

@@ -203,6 +203,16 @@ def test_arith_error_kind_names_where_a_completion_leaves_the_working():
     assert error_kind(example, "I do not know.") == "steps"
 
 
+def test_arith_equation_accuracy_checks_every_written_equation():
+    from train.tasks.arith import equation_accuracy
+
+    got = equation_accuracy(["3 + 4 = 7\n7 * 20 = 150\n#### 150", "60 - 44 = 12\n8 / 2 = 4",
+                             "no equations", "5 / 0 = 1"])  # fmt: skip
+    assert got == {"* large": [0, 1], "+ small": [1, 1], "- small": [0, 1], "/ small": [1, 1]}
+    targets = [e.target for e in TASKS["arith"].generate(30, split="test", difficulty="small")]
+    assert all(right == written for right, written in equation_accuracy(targets).values())
+
+
 def test_extract_number_reads_last_number():
     assert extract_number("3 + 4 = 7\n#### 1,234") == 1234
     assert extract_number("it is -5 degrees") == -5

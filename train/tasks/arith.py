@@ -140,4 +140,26 @@ def error_kind(example: Example, completion: str) -> str:
     return "steps"
 
 
+_EQUATION = re.compile(r"^\s*(-?\d+)\s*([-+*/])\s*(-?\d+)\s*=\s*(-?\d+)\s*$")
+
+
+def equation_accuracy(completions: list[str]) -> dict[str, list[int]]:
+    """How often the equations a model writes are right, whatever the problem: for each
+    operation and size (``"+ small"``, ``"* large"``: an operand or the true result of 100 or
+    more) ``[right, written]`` over every ``a op b = c`` line of ``completions``."""
+    out: dict[str, list[int]] = {}
+    for completion in completions:
+        for line in completion.splitlines():
+            m = _EQUATION.match(line)
+            if not m or (m[2] == "/" and int(m[3]) == 0):
+                continue
+            a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+            true = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+            size = "large" if max(abs(a), abs(b), abs(true)) >= 100 else "small"
+            tally = out.setdefault(f"{op} {size}", [0, 0])
+            tally[0] += c == true
+            tally[1] += 1
+    return dict(sorted(out.items()))
+
+
 TASK = Task(name=NAME, sampler=sample, checker=check)
