@@ -514,6 +514,8 @@ def summarize(reports: list[dict]) -> dict:
     first = reports[0]
     for r in reports[1:]:
         bad = {k: (first.get(k), r.get(k)) for k in keys if r.get(k) != first.get(k)}
+        if r.get("scratch_tokens", 0) != first.get("scratch_tokens", 0):  # 0 before it existed
+            bad["scratch_tokens"] = (first.get("scratch_tokens", 0), r.get("scratch_tokens", 0))
         if bad or set(r["accuracy"]) != set(first["accuracy"]):
             raise ValueError(f"reports differ beyond train_seed: {bad or 'tasks'}")
     cols = first["columns"]

@@ -203,6 +203,10 @@ def test_summarize_over_seeds():
     got = summarize(reports + [last_only])
     assert got["curve"]["arith"]["sun"] == {"4": pytest.approx(0.375)}
     assert got["cells"]["arith"]["sun"]["accuracy"] == pytest.approx(0.375)
+    scratch = _fake_report(3, sun=[1, 0, 0, 0], full=[1, 0, 0, 0])
+    scratch["scratch_tokens"] = 32
+    with pytest.raises(ValueError, match="scratch_tokens"):
+        summarize([reports[0], scratch])
     other = _fake_report(3, sun=[1, 0, 0, 0], full=[1, 0, 0, 0])
     other["difficulty"] = "tiny"
     with pytest.raises(ValueError, match="difficulty"):
