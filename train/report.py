@@ -465,7 +465,8 @@ def markdown(report: dict) -> str:
         lines += ["", f"Where each {task} completion first leaves the reference working (last "
                   "step): result = right operands, wrong result; operands = another left side; "
                   "steps = a step missing or extra", ""]  # fmt: skip
-        lines += ["| column | " + " | ".join(ERROR_KINDS) + " |", "|---" * 5 + "|"]
+        lines += ["| column | " + " | ".join(ERROR_KINDS) + " |"]
+        lines += ["|---" * (len(ERROR_KINDS) + 1) + "|"]
         for c, counts in by_col.items():
             lines.append(f"| {c} | " + " | ".join(str(counts[k]) for k in ERROR_KINDS) + " |")
         eqs = {c: equation_accuracy(done) for c, done in report["completions"][task].items()}

@@ -150,7 +150,7 @@ def test_learning_curve_from_one_run(tmp_path):
         errors = saved["errors"]["arith"][col]
         assert sum(errors.values()) == 4
         assert errors["correct"] == sum(saved["correct"]["arith"][col])
-    assert "first leaves the reference" in md
+    assert "first leaves the reference" in md and "Equations the model wrote" in md
 
 
 def test_with_scratch_appends_filler_tokens_to_the_last_message():
@@ -165,6 +165,14 @@ def test_with_scratch_appends_filler_tokens_to_the_last_message():
     assert examples[0].messages[-1]["content"].count(SCRATCH) == 0  # the input is unchanged
     with pytest.raises(ValueError, match="-1"):
         with_scratch(examples, -1)
+
+
+def test_scratch_tokens_and_benchmarks_are_refused_together(capsys):
+    from train.report import main
+
+    with pytest.raises(SystemExit):
+        main(["--scratch-tokens", "4", "--benchmarks", "--out", "unused"])
+    assert "--scratch-tokens" in capsys.readouterr().err
 
 
 def _fake_report(train_seed, sun, full):
